@@ -26,11 +26,11 @@ _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
 REINSTALL = {
     "metal": 'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir '
-             "llama-cpp-python",
+    "llama-cpp-python",
     "vulkan": 'CMAKE_ARGS="-DGGML_VULKAN=on" pip install --force-reinstall --no-cache-dir '
-              "llama-cpp-python",
+    "llama-cpp-python",
     "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-            "llama-cpp-python",
+    "llama-cpp-python",
 }
 
 
@@ -53,8 +53,9 @@ class Device:
 @functools.lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
     """The ggml library that llama-cpp-python loaded, with the registry functions typed."""
-    from ondevice import engine  # noqa: F401 - initialises llama.cpp's backends first
     from llama_cpp import _ggml as binding_ggml
+
+    from ondevice import engine  # noqa: F401 - initialises llama.cpp's backends first
 
     lib = binding_ggml.libggml
     vp = ctypes.c_void_p
@@ -64,8 +65,10 @@ def _ggml() -> ctypes.CDLL:
         "ggml_backend_dev_name": ([vp], ctypes.c_char_p),
         "ggml_backend_dev_description": ([vp], ctypes.c_char_p),
         "ggml_backend_dev_type": ([vp], ctypes.c_int),
-        "ggml_backend_dev_memory": ([vp, ctypes.POINTER(ctypes.c_size_t),
-                                     ctypes.POINTER(ctypes.c_size_t)], None),
+        "ggml_backend_dev_memory": (
+            [vp, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
+            None,
+        ),
         "ggml_backend_dev_backend_reg": ([vp], vp),
         "ggml_backend_reg_count": ([], ctypes.c_size_t),
         "ggml_backend_reg_get": ([ctypes.c_size_t], vp),
@@ -81,8 +84,10 @@ def _ggml() -> ctypes.CDLL:
 def registered_backends() -> list[str]:
     """Names of the ggml backends compiled into (or loaded by) the installed llama.cpp."""
     lib = _ggml()
-    return [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
-            for i in range(lib.ggml_backend_reg_count())]
+    return [
+        lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
+        for i in range(lib.ggml_backend_reg_count())
+    ]
 
 
 def devices() -> list[Device]:
@@ -94,15 +99,19 @@ def devices() -> list[Device]:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         reg = lib.ggml_backend_dev_backend_reg(dev)
-        out.append(Device(
-            index=i,
-            name=(lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
-            description=(lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
-            type=_DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
-            backend=(lib.ggml_backend_reg_name(reg) or b"").decode(errors="replace") if reg else "",
-            memory_free=free.value,
-            memory_total=total.value,
-        ))
+        out.append(
+            Device(
+                index=i,
+                name=(lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                description=(lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                type=_DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
+                backend=(lib.ggml_backend_reg_name(reg) or b"").decode(errors="replace")
+                if reg
+                else "",
+                memory_free=free.value,
+                memory_total=total.value,
+            )
+        )
     return out
 
 
@@ -151,24 +160,31 @@ def choose(backend: str = "auto", gpu_layers: int | str = "auto") -> Placement:
                 return Placement("metal", metal[0].description or metal[0].name, layers)
         gpus = _gpu_devices()
         if gpus:
-            return Placement(gpus[0].backend.lower(), gpus[0].description or gpus[0].name, layers,
-                             main_gpu=0)
+            return Placement(
+                gpus[0].backend.lower(), gpus[0].description or gpus[0].name, layers, main_gpu=0
+            )
         return Placement("cpu", "CPU", 0)
     if family not in ("metal", "vulkan", "cuda"):
-        raise BackendUnavailable(f"unknown backend {backend!r}",
-                                 hint="use auto, cpu, metal, vulkan or vulkan:N")
+        raise BackendUnavailable(
+            f"unknown backend {backend!r}", hint="use auto, cpu, metal, vulkan or vulkan:N"
+        )
     compiled = [b.lower() for b in registered_backends()]
     if family not in compiled:
         raise BackendUnavailable(
             f"backend {family!r} is not compiled into the installed llama-cpp-python "
             f"(it has: {', '.join(compiled) or 'none'})",
-            hint=f"reinstall it with: {REINSTALL[family]}")
+            hint=f"reinstall it with: {REINSTALL[family]}",
+        )
     gpus = _gpu_devices(family)
     if not gpus:
-        raise BackendUnavailable(f"backend {family!r} is compiled in but finds no device",
-                                 hint="check the GPU driver, or use --backend cpu")
+        raise BackendUnavailable(
+            f"backend {family!r} is compiled in but finds no device",
+            hint="check the GPU driver, or use --backend cpu",
+        )
     i = int(index) if index else 0
     if not 0 <= i < len(gpus):
-        raise BackendUnavailable(f"{family} device {i} does not exist ({len(gpus)} found)",
-                                 hint=f"use {family}:0 to {family}:{len(gpus) - 1}")
+        raise BackendUnavailable(
+            f"{family} device {i} does not exist ({len(gpus)} found)",
+            hint=f"use {family}:0 to {family}:{len(gpus) - 1}",
+        )
     return Placement(family, gpus[i].description or gpus[i].name, layers, main_gpu=i)

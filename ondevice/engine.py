@@ -28,13 +28,23 @@ _init_lock = threading.Lock()
 _initialized = False
 
 # ggml type ids for the KV cache types we offer (ggml.h's enum ggml_type).
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
-            "bf16": 30}
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 # Bytes per element and block size of those types, for KV cache arithmetic.
-KV_TYPE_SIZES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34),
-                 "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24)}
-FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+KV_TYPE_SIZES = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+}
+FLASH_ATTN = {
+    "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
 
 # Lines llama.cpp logged while loading, kept for diagnostics (`ondevice -vv`, error messages).
 _recent_log: list[str] = []
@@ -124,8 +134,12 @@ class Sampler:
         self.params = params
         add = L.llama_sampler_chain_add
         if params.repeat_penalty != 1.0:
-            add(chain, L.llama_sampler_init_penalties(params.repeat_last_n,
-                                                      params.repeat_penalty, 0.0, 0.0))
+            add(
+                chain,
+                L.llama_sampler_init_penalties(
+                    params.repeat_last_n, params.repeat_penalty, 0.0, 0.0
+                ),
+            )
         if params.temperature <= 0:
             add(chain, L.llama_sampler_init_greedy())
         else:
@@ -158,8 +172,9 @@ class Sampler:
 class Engine:
     """A loaded model with one context (one sequence, id 0). Not thread-safe by itself."""
 
-    def __init__(self, path: str, config: EngineConfig,
-                 progress: Callable[[float], bool] | None = None) -> None:
+    def __init__(
+        self, path: str, config: EngineConfig, progress: Callable[[float], bool] | None = None
+    ) -> None:
         init_backend()
         self.path = path
         self.config = config
@@ -170,16 +185,23 @@ class Engine:
         mp.main_gpu = config.main_gpu
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.use_mmap else L.LLAMA_LOAD_MODE_NONE
         self.notes: list[str] = []
-        if config.use_extra_bufts and amx_compiled() and os.environ.get("ONDEVICE_ALLOW_AMX") != "1":
+        if (
+            config.use_extra_bufts
+            and amx_compiled()
+            and os.environ.get("ONDEVICE_ALLOW_AMX") != "1"
+        ):
             config.use_extra_bufts = False
-            self.notes.append("weight repacking off: this llama.cpp build has AMX kernels, which "
-                              "crash on this machine class (set ONDEVICE_ALLOW_AMX=1 to try)")
+            self.notes.append(
+                "weight repacking off: this llama.cpp build has AMX kernels, which "
+                "crash on this machine class (set ONDEVICE_ALLOW_AMX=1 to try)"
+            )
             log.info(self.notes[-1])
         mp.use_extra_bufts = config.use_extra_bufts
         if progress is not None:
             # Kept on self: ctypes callbacks must outlive the call that uses them.
             self._progress_cb = L.llama_progress_callback(
-                lambda value, _user: bool(progress(float(value))))
+                lambda value, _user: bool(progress(float(value)))
+            )
             mp.progress_callback = self._progress_cb
         del _recent_log[:]
         self.model = L.llama_model_load_from_file(path.encode(), mp)
@@ -200,8 +222,10 @@ class Engine:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             self.close()
-            raise ModelLoadError(f"llama.cpp could not create a context for {path} "
-                                 f"(n_ctx={config.n_ctx}): {_last_error()}")
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {path} "
+                f"(n_ctx={config.n_ctx}): {_last_error()}"
+            )
         self.memory = L.llama_get_memory(self.ctx)
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
@@ -230,11 +254,14 @@ class Engine:
         n_embd = L.llama_model_n_embd(self.model)
         k_len = key_length or n_embd // max(n_head, 1)
         v_len = value_length or k_len
+
         def row(type_name: str, n: int) -> int:
             block, size = KV_TYPE_SIZES[type_name]
             return n // block * size
-        per_token = row(self.config.type_k, k_len * n_head_kv) + row(self.config.type_v,
-                                                                      v_len * n_head_kv)
+
+        per_token = row(self.config.type_k, k_len * n_head_kv) + row(
+            self.config.type_v, v_len * n_head_kv
+        )
         return self.n_ctx * n_layer * per_token
 
     def meta(self, key: str) -> str | None:
@@ -246,8 +273,9 @@ class Engine:
         L.llama_set_n_threads(self.ctx, threads, threads_batch or threads)
 
     # --- text <-> tokens ------------------------------------------------------------------
-    def tokenize(self, text: str | bytes, *, add_special: bool = True,
-                 parse_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str | bytes, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else text
         n_max = len(data) + 16
         buf = (L.llama_token * n_max)()
@@ -255,8 +283,9 @@ class Engine:
         if n < 0:
             n_max = -n
             buf = (L.llama_token * n_max)()
-            n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special,
-                                 parse_special)
+            n = L.llama_tokenize(
+                self.vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
         if n < 0:
             raise GenerationError(f"tokenization failed ({n})")
         return list(buf[:n])
@@ -298,8 +327,10 @@ class Engine:
             arr = (L.llama_token * len(chunk))(*chunk)
             rc = L.llama_decode(self.ctx, L.llama_batch_get_one(arr, len(chunk)))
             if rc != 0:
-                raise GenerationError(f"llama_decode failed with code {rc} "
-                                      f"({'context full' if rc == 1 else 'see -vv log'})")
+                raise GenerationError(
+                    f"llama_decode failed with code {rc} "
+                    f"({'context full' if rc == 1 else 'see -vv log'})"
+                )
         return True
 
     def decode_one(self, token: int) -> None:
@@ -333,7 +364,8 @@ class Engine:
                     raise GenerationError(f"llama_decode failed with code {rc}")
                 ptr = L.llama_get_logits(self.ctx)
                 out[start : start + len(chunk)] = np.ctypeslib.as_array(
-                    ptr, shape=(len(chunk), self.n_vocab))
+                    ptr, shape=(len(chunk), self.n_vocab)
+                )
             finally:
                 L.llama_batch_free(batch)
         return out

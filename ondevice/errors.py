@@ -34,8 +34,15 @@ class MissingExtra(OndeviceError):
 class InvalidModelFile(OndeviceError):
     """A file is not a well-formed GGUF model; raised before llama.cpp sees the file."""
 
-    def __init__(self, path: str, message: str, *, offset: int | None = None,
-                 field: str | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        message: str,
+        *,
+        offset: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
         self.path = path
         self.offset = offset
         self.field = field

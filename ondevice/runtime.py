@@ -63,8 +63,15 @@ class Result:
         return self.stats.finish_reason
 
 
-_SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-                  "seed"}
+_SAMPLING_KEYS = {
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "seed",
+}
 
 
 class Model:
@@ -79,8 +86,15 @@ class Model:
       backend   the device that runs it ("CPU" or a GPU's name).
     """
 
-    def __init__(self, path: Path, header: GGUFHeader, eng: engine.Engine,
-                 placement: backends.Placement, load_s: float, threads: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        header: GGUFHeader,
+        eng: engine.Engine,
+        placement: backends.Placement,
+        load_s: float,
+        threads: int,
+    ) -> None:
         self.path = path
         self.header = header
         self.metadata: dict[str, Any] = header.metadata
@@ -96,8 +110,9 @@ class Model:
         self._cancel = threading.Event()
         # Tokens whose keys and values are in the KV cache, in order (sequence 0).
         self._cached: list[int] = []
-        self._kv_bytes = eng.kv_bytes(header.arch_value("attention.key_length"),
-                                      header.arch_value("attention.value_length"))
+        self._kv_bytes = eng.kv_bytes(
+            header.arch_value("attention.key_length"), header.arch_value("attention.value_length")
+        )
         self.last_stats: Stats | None = None
 
     # --- lifetime -------------------------------------------------------------------------
@@ -159,11 +174,11 @@ class Model:
             raise ModelClosed("the model is closed", hint="load it again with ondevice.load()")
         return self._engine
 
-    def tokenize(self, text: str, *, add_special: bool = True,
-                 parse_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         with self.lock():
-            return self.engine.tokenize(text, add_special=add_special,
-                                        parse_special=parse_special)
+            return self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         with self.lock():
@@ -185,9 +200,16 @@ class Model:
             self._cached = []
 
     # --- generation -----------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 256,
-               stop: str | Sequence[str] | None = None, cancel: threading.Event | None = None,
-               add_special: bool = True, **sampling: Any) -> Iterator[Chunk]:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        stop: str | Sequence[str] | None = None,
+        cancel: threading.Event | None = None,
+        add_special: bool = True,
+        **sampling: Any,
+    ) -> Iterator[Chunk]:
         """Stream the completion of `prompt` (text, or token ids) as `Chunk`s.
 
         Sampling keywords: temperature (<= 0: greedy), top_k, top_p, min_p, repeat_penalty,
@@ -212,36 +234,63 @@ class Model:
                 final = chunk.stats
         return Result("".join(parts), tokens, final)
 
-    def _stream(self, prompt: str | Sequence[int], max_tokens: int, stops: list[str],
-                cancel: threading.Event | None, add_special: bool,
-                params: engine.SamplingParams) -> Iterator[Chunk]:
+    def _stream(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int,
+        stops: list[str],
+        cancel: threading.Event | None,
+        add_special: bool,
+        params: engine.SamplingParams,
+    ) -> Iterator[Chunk]:
         t_call = time.perf_counter()
         with self.lock():
             eng = self.engine
             self._cancel.clear()
-            cancelled = self._cancel.is_set if cancel is None else (
-                lambda: cancel.is_set() or self._cancel.is_set())
-            tokens = (eng.tokenize(prompt, add_special=add_special)
-                      if isinstance(prompt, str) else list(prompt))
+            cancelled = (
+                self._cancel.is_set
+                if cancel is None
+                else (lambda: cancel.is_set() or self._cancel.is_set())
+            )
+            tokens = (
+                eng.tokenize(prompt, add_special=add_special)
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
             if not tokens:
                 raise UsageError("the prompt is empty")
             if len(tokens) >= eng.n_ctx:
                 raise ContextOverflow(
                     f"the prompt is {len(tokens)} tokens but the context holds {eng.n_ctx}",
-                    hint="shorten the prompt or load the model with a larger n_ctx (--ctx)")
-            st = Stats(prompt_tokens=len(tokens), load_s=self.load_s, model_bytes=self.model_bytes,
-                       kv_bytes=self._kv_bytes, backend=self.backend, threads=self.threads,
-                       n_ctx=eng.n_ctx, notes=list(self.notes))
+                    hint="shorten the prompt or load the model with a larger n_ctx (--ctx)",
+                )
+            st = Stats(
+                prompt_tokens=len(tokens),
+                load_s=self.load_s,
+                model_bytes=self.model_bytes,
+                kv_bytes=self._kv_bytes,
+                backend=self.backend,
+                threads=self.threads,
+                n_ctx=eng.n_ctx,
+                notes=list(self.notes),
+            )
             sampler = engine.Sampler(params)
             try:
-                yield from self._run(eng, tokens, sampler, max_tokens, stops, cancelled, st,
-                                     t_call)
+                yield from self._run(eng, tokens, sampler, max_tokens, stops, cancelled, st, t_call)
             finally:
                 sampler.close()
 
-    def _run(self, eng: engine.Engine, tokens: list[int], sampler: engine.Sampler,
-             max_tokens: int, stops: list[str], cancelled: Callable[[], bool], st: Stats,
-             t_call: float) -> Iterator[Chunk]:
+    def _run(
+        self,
+        eng: engine.Engine,
+        tokens: list[int],
+        sampler: engine.Sampler,
+        max_tokens: int,
+        stops: list[str],
+        cancelled: Callable[[], bool],
+        st: Stats,
+        t_call: float,
+    ) -> Iterator[Chunk]:
         # 1. Reuse the KV cache for the longest common prefix; evaluate the rest.
         common = _common_prefix(self._cached, tokens)
         if common == len(tokens):
@@ -343,8 +392,10 @@ class _ModelLock:
     def __enter__(self) -> Model:
         m = self.model
         if m._owner == threading.get_ident():
-            raise UsageError("this model is already generating in this thread",
-                             hint="finish or close the open stream before starting another")
+            raise UsageError(
+                "this model is already generating in this thread",
+                hint="finish or close the open stream before starting another",
+            )
         m._lock.acquire()
         if m._engine is None:
             m._lock.release()
@@ -360,8 +411,10 @@ class _ModelLock:
 def _sampling(kwargs: dict[str, Any]) -> engine.SamplingParams:
     unknown = set(kwargs) - _SAMPLING_KEYS
     if unknown:
-        raise UsageError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}",
-                         hint=f"use {', '.join(sorted(_SAMPLING_KEYS))}")
+        raise UsageError(
+            f"unknown sampling parameter(s): {', '.join(sorted(unknown))}",
+            hint=f"use {', '.join(sorted(_SAMPLING_KEYS))}",
+        )
     params = engine.SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
     if params.top_p <= 0 or params.top_p > 1:
         raise UsageError(f"top_p must be in (0, 1], got {params.top_p}")
@@ -398,10 +451,20 @@ def _safe_prefix(text: str, stops: list[str], hold_back: int) -> int:
     return n
 
 
-def load(model: str | os.PathLike[str], *, backend: str = "auto", n_ctx: int | None = None,
-         threads: int | str = "auto", gpu_layers: int | str = "auto", flash_attn: str = "auto",
-         use_mmap: bool = True, n_batch: int = 2048, n_ubatch: int = 512,
-         kv_type: str = "f16", on_progress: Callable[[float], Any] | None = None) -> Model:
+def load(
+    model: str | os.PathLike[str],
+    *,
+    backend: str = "auto",
+    n_ctx: int | None = None,
+    threads: int | str = "auto",
+    gpu_layers: int | str = "auto",
+    flash_attn: str = "auto",
+    use_mmap: bool = True,
+    n_batch: int = 2048,
+    n_ubatch: int = 512,
+    kv_type: str = "f16",
+    on_progress: Callable[[float], Any] | None = None,
+) -> Model:
     """Load a model: a path to a .gguf file, `demo`, or a name from the local store.
 
     n_ctx        context length in tokens (default: 4096, or the model's trained context if
@@ -429,31 +492,48 @@ def load(model: str | os.PathLike[str], *, backend: str = "auto", n_ctx: int | N
     if ctx < 8:
         raise UsageError(f"n_ctx must be at least 8 tokens, got {ctx}")
     if kv_type not in engine.KV_TYPES:
-        raise UsageError(f"unknown KV cache type {kv_type!r}",
-                         hint=f"use one of {', '.join(engine.KV_TYPES)}")
+        raise UsageError(
+            f"unknown KV cache type {kv_type!r}", hint=f"use one of {', '.join(engine.KV_TYPES)}"
+        )
     if flash_attn not in engine.FLASH_ATTN:
         raise UsageError(f"flash_attn must be auto, on or off, not {flash_attn!r}")
     config = engine.EngineConfig(
-        n_ctx=ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), threads=n_threads,
-        threads_batch=n_threads, n_gpu_layers=placement.n_gpu_layers,
-        main_gpu=placement.main_gpu, flash_attn=flash_attn, use_mmap=use_mmap,
-        type_k=kv_type, type_v=kv_type)
+        n_ctx=ctx,
+        n_batch=n_batch,
+        n_ubatch=min(n_ubatch, n_batch),
+        threads=n_threads,
+        threads_batch=n_threads,
+        n_gpu_layers=placement.n_gpu_layers,
+        main_gpu=placement.main_gpu,
+        flash_attn=flash_attn,
+        use_mmap=use_mmap,
+        type_k=kv_type,
+        type_v=kv_type,
+    )
     stats.reset_peak_rss()
     progress = None
     if on_progress is not None:
+
         def progress(value: float) -> bool:
             try:
                 on_progress(value)
             except Exception:  # noqa: BLE001 - a UI callback must not abort the load
                 log.exception("on_progress callback failed")
             return True
+
     try:
         eng = engine.Engine(str(path), config, progress)
     except OndeviceError:
         raise
     load_s = time.perf_counter() - t0
-    log.info("loaded %s in %.2fs (n_ctx=%d, threads=%d, %s)", path.name, load_s, eng.n_ctx,
-             n_threads, placement.device)
+    log.info(
+        "loaded %s in %.2fs (n_ctx=%d, threads=%d, %s)",
+        path.name,
+        load_s,
+        eng.n_ctx,
+        n_threads,
+        placement.device,
+    )
     return Model(path, header, eng, placement, load_s, n_threads)
 
 

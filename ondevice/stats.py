@@ -41,8 +41,12 @@ def memory_breakdown() -> dict[str, int]:
     return out
 
 
-_STATUS_NAMES = {"RssAnon": "anon_bytes", "RssFile": "file_bytes", "RssShmem": "shmem_bytes",
-                 "VmHWM": "peak_rss_bytes"}
+_STATUS_NAMES = {
+    "RssAnon": "anon_bytes",
+    "RssFile": "file_bytes",
+    "RssShmem": "shmem_bytes",
+    "VmHWM": "peak_rss_bytes",
+}
 
 
 def peak_rss_bytes() -> int:

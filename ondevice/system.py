@@ -65,8 +65,13 @@ def cpu_topology(sysfs_root: str | os.PathLike[str] = "/sys") -> CpuTopology:
         perf = sorted(c for c, f in freqs.items() if f >= PERFORMANCE_FREQ_RATIO * top)
         eff = sorted(c for c in freqs if c not in perf)
         # SoCs with mixed cores have no SMT: one logical CPU per core.
-        return CpuTopology(logical=len(freqs), physical=len(freqs), performance=perf,
-                           efficiency=eff, source="cpufreq")
+        return CpuTopology(
+            logical=len(freqs),
+            physical=len(freqs),
+            performance=perf,
+            efficiency=eff,
+            source="cpufreq",
+        )
     if allowed is not None and len(allowed) < logical:
         physical = max(1, min(physical, len(allowed)))
     return CpuTopology(logical=logical, physical=physical, source="psutil")
@@ -97,9 +102,29 @@ def cpu_model() -> str:
 
 def cpu_features() -> list[str]:
     """SIMD features that matter to llama.cpp's kernels, as the CPU reports them."""
-    interesting = ("avx", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni",
-                   "fma", "f16c", "amx_int8", "amx_bf16", "sse3", "ssse3", "neon", "asimd",
-                   "asimddp", "sve", "sve2", "i8mm", "fphp", "asimdhp")
+    interesting = (
+        "avx",
+        "avx2",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx512vnni",
+        "avx_vnni",
+        "fma",
+        "f16c",
+        "amx_int8",
+        "amx_bf16",
+        "sse3",
+        "ssse3",
+        "neon",
+        "asimd",
+        "asimddp",
+        "sve",
+        "sve2",
+        "i8mm",
+        "fphp",
+        "asimdhp",
+    )
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

@@ -55,7 +55,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ondevice")
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug, with llama.cpp's own log).")
+@click.option(
+    "-v", "--verbose", count=True, help="Log more (-v info, -vv debug, with llama.cpp's own log)."
+)
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
     """Run small language models on this machine: convert, quantize, chat, benchmark."""

@@ -1,0 +1,121 @@
+"""Click options shared by the commands that load a model, so every command spells them alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+LOAD_OPTIONS = ("ctx", "threads", "backend", "gpu_layers", "flash_attn", "no_mmap", "kv_type")
+
+
+def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type."""
+    opts = [
+        click.option(
+            "--ctx",
+            "ctx",
+            type=click.IntRange(min=8),
+            default=None,
+            help="Context length in tokens [default: 4096 or the model's, if smaller].",
+        ),
+        click.option(
+            "-t",
+            "--threads",
+            default="auto",
+            show_default=True,
+            help="Threads: a number, or auto (the performance cores).",
+        ),
+        click.option(
+            "--backend",
+            default="auto",
+            show_default=True,
+            help="auto, cpu, metal, vulkan or vulkan:N.",
+        ),
+        click.option(
+            "--gpu-layers",
+            default="auto",
+            show_default=True,
+            help="Layers to offload to the GPU backend (auto = all).",
+        ),
+        click.option(
+            "--flash-attn",
+            type=click.Choice(["auto", "on", "off"]),
+            default="auto",
+            show_default=True,
+            help="Flash attention.",
+        ),
+        click.option(
+            "--no-mmap", is_flag=True, help="Read the file into memory instead of mapping it."
+        ),
+        click.option(
+            "--kv-type",
+            default="f16",
+            show_default=True,
+            help="KV cache type: f16, bf16, f32, q8_0, q4_0 (where the model allows it).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--temperature, --top-k, --top-p, --min-p, --repeat-penalty, --seed, --max-tokens, --stop."""
+    opts = [
+        click.option(
+            "--temperature",
+            "--temp",
+            "temperature",
+            type=float,
+            default=None,
+            help="Sampling temperature; 0 = greedy [default: 0.8].",
+        ),
+        click.option("--top-k", type=int, default=None, help="Top-k [default: 40; 0 = off]."),
+        click.option("--top-p", type=float, default=None, help="Top-p [default: 0.95]."),
+        click.option("--min-p", type=float, default=None, help="Min-p [default: 0.05]."),
+        click.option(
+            "--repeat-penalty",
+            type=float,
+            default=None,
+            help="Repeat penalty [default: 1.0 = off].",
+        ),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option(
+            "-n",
+            "--max-tokens",
+            type=int,
+            default=256,
+            show_default=True,
+            help="Most tokens to generate (-1: until the context is full).",
+        ),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """ondevice.load() keywords from the parsed load options."""
+    gpu = params.get("gpu_layers", "auto")
+    return {
+        "n_ctx": params.get("ctx"),
+        "threads": params.get("threads", "auto"),
+        "backend": params.get("backend", "auto"),
+        "gpu_layers": gpu if gpu in ("auto", "all") else int(gpu),
+        "flash_attn": params.get("flash_attn", "auto"),
+        "use_mmap": not params.get("no_mmap", False),
+        "kv_type": params.get("kv_type", "f16"),
+    }
+
+
+def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """Model.stream() sampling keywords from the parsed sampling options (None = default)."""
+    return {k: params[k] for k in SAMPLING_OPTIONS if params.get(k) is not None}
+
+
+def mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"

@@ -1,0 +1,73 @@
+"""`ondevice run MODEL [PROMPT]`: complete one prompt, streaming text to stdout (or `--json`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+import ondevice
+from ondevice.cli.options import load_kwargs, load_options, sampling_kwargs, sampling_options
+from ondevice.errors import UsageError
+
+
+@click.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@load_options
+@sampling_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"text": ..., "stats": {...}} instead of streaming.',
+)
+@click.option(
+    "--stats/--no-stats",
+    "show_stats",
+    default=False,
+    help="Print the stats line to stderr after the text.",
+)
+def run(
+    model: str,
+    prompt: str | None,
+    as_json: bool,
+    show_stats: bool,
+    max_tokens: int,
+    stop: tuple[str, ...],
+    **params,
+) -> None:
+    """Complete PROMPT (or standard input) with MODEL: a .gguf path, `demo`, or a store name.
+
+    \b
+    Examples:
+      ondevice run demo "The capital of France is" --temperature 0
+      echo "Once upon a time" | ondevice run demo -n 64 --json
+    """
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise UsageError("the prompt is empty", hint="pass a non-empty PROMPT")
+    with ondevice.load(model, **load_kwargs(params)) as m:
+        stream = m.stream(prompt, max_tokens=max_tokens, stop=list(stop), **sampling_kwargs(params))
+        if as_json:
+            parts, final = [], None
+            for chunk in stream:
+                parts.append(chunk.text)
+                final = chunk.stats or final
+            click.echo(json.dumps({"text": "".join(parts), "stats": final.to_dict()}, indent=2))
+            return
+        out = sys.stdout
+        final = None
+        for chunk in stream:
+            if chunk.text:
+                out.write(chunk.text)
+                out.flush()
+            final = chunk.stats or final
+        out.write("\n")
+        out.flush()
+        if show_stats and final is not None:
+            click.echo(final.summary(), err=True)

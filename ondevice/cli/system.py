@@ -1,0 +1,48 @@
+"""`ondevice system`: this machine's CPU, cores, RAM, and the llama.cpp build and devices."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ondevice.cli.options import mib
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def system(as_json: bool) -> None:
+    """Show the CPU (model, features, performance/efficiency cores), RAM, and the installed
+    llama.cpp: version, compiled backends and the devices it can run on."""
+    from ondevice.system import system_info
+
+    info = system_info()
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2))
+        return
+    gib = 1024**3
+    click.echo(f"OS:        {info.os} ({info.machine})")
+    click.echo(f"CPU:       {info.cpu_model}")
+    click.echo(f"Features:  {' '.join(info.cpu_features) or '-'}")
+    click.echo(
+        f"Cores:     {info.cores_physical} physical, {info.cores_logical} logical; "
+        f"{info.cores_performance} performance, {info.cores_efficiency} efficiency "
+        f"(from {info.core_split_source}); threads=auto uses {info.auto_threads}"
+    )
+    click.echo(
+        f"RAM:       {info.ram_total_bytes / gib:.1f} GiB total, "
+        f"{info.ram_available_bytes / gib:.1f} GiB available"
+    )
+    click.echo(
+        f"llama.cpp: llama-cpp-python {info.llama_cpp_python}; backends: {', '.join(info.backends)}"
+    )
+    click.echo(f"Build:     {info.llama_cpp_system_info}")
+    click.echo("Devices:")
+    for d in info.devices:
+        mem = (
+            f"{mib(d['memory_free'])} free of {mib(d['memory_total'])}" if d["memory_total"] else ""
+        )
+        click.echo(
+            f"  [{d['index']}] {d['name']} ({d['type']}, {d['backend']}): "
+            f"{d['description']} {mem}".rstrip()
+        )
