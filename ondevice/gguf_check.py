@@ -346,7 +346,7 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
                 offset=data_offset + t.offset,
             )
     ordered = sorted(tensors, key=lambda t: t.offset)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if a.offset + a.n_bytes > b.offset:
             cur.fail(f"tensors {a.name!r} and {b.name!r} overlap", offset=data_offset + b.offset)
     if n_tensors == 0:

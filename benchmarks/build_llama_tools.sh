@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds llama-bench and llama-perplexity from the llama.cpp source vendored in the *installed*
+# llama-cpp-python's sdist, so benchmarks compare against the very engine ondevice runs.
+# Output: $ONDEVICE_BENCH_CACHE/llama.cpp-<version>/build/bin/{llama-bench,llama-perplexity}
+# (default cache ~/.cache/ondevice-bench). Nothing is written inside the repository.
+set -euo pipefail
+PY="${PYTHON:-python}"
+VER="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
+CACHE="${ONDEVICE_BENCH_CACHE:-$HOME/.cache/ondevice-bench}"
+SRC="$CACHE/llama.cpp-$VER"
+mkdir -p "$CACHE"
+if [ ! -f "$SRC/CMakeLists.txt" ]; then
+  tmp="$(mktemp -d)"
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$tmp"
+  tar -xzf "$tmp"/llama_cpp_python-"$VER".tar.gz -C "$tmp"
+  rm -rf "$SRC"
+  mv "$tmp/llama_cpp_python-$VER/vendor/llama.cpp" "$SRC"
+  rm -rf "$tmp"
+fi
+if [ ! -x "$SRC/build/bin/llama-bench" ] || [ ! -x "$SRC/build/bin/llama-perplexity" ]; then
+  # Same flags as the binding's own build (GGML_NATIVE on by default), no curl, no tests.
+  cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+  cmake --build "$SRC/build" -j"$(nproc)" --target llama-bench llama-perplexity >/dev/null
+fi
+echo "$SRC/build/bin"
