@@ -1,0 +1,37 @@
+"""Shared fixtures: the real demo model (SmolLM2-135M-Instruct Q4_1 from `ondevice[demo]`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import ondevice
+from ondevice.models import demo_model_path
+
+# The suite's own subprocesses must run the same interpreter and package as pytest.
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> Path:
+    return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_path):
+    """One demo model (n_ctx 2048, 2 threads) shared by the session. Tests that need a clean
+    KV cache call `demo_model.reset()`."""
+    with ondevice.load(demo_path, n_ctx=2048, threads=2) as m:
+        yield m
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """Environment for running `python -m ondevice` in a subprocess with an isolated home."""
+    env = dict(os.environ)
+    env["ONDEVICE_HOME"] = str(tmp_path / "ondevice-home")
+    env["NO_COLOR"] = "1"
+    return env
