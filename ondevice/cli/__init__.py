@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "run": "ondevice.cli.run:run",
     "info": "ondevice.cli.info:info",
     "system": "ondevice.cli.system:system",
+    "convert": "ondevice.cli.convert:convert",
 }
 
 
