@@ -311,6 +311,8 @@ def convert_folder(
                 # From here on the data goes straight to the file descriptor (the writer's
                 # buffered file is not used again), so copies can stay in the kernel.
                 _write_tensor_data(writer.fout[0].fileno(), plan, writer.data_alignment, progress)
+            except OSError as exc:  # disk full, I/O error: a typed error, not a traceback
+                raise ConversionError(f"writing {out} failed: {exc}") from exc
             finally:
                 writer.close()
     logger.info("wrote %s (%d tensors, %s)", out, len(plan), outtype)
