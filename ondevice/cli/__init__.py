@@ -22,6 +22,9 @@ COMMANDS: dict[str, str] = {
     "info": "ondevice.cli.info:info",
     "system": "ondevice.cli.system:system",
     "convert": "ondevice.cli.convert:convert",
+    "pull": "ondevice.cli.pull:pull",
+    "list": "ondevice.cli.list:list_models",
+    "rm": "ondevice.cli.rm:rm",
 }
 
 
