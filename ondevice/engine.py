@@ -110,6 +110,9 @@ class EngineConfig:
     type_k: str = "f16"
     type_v: str = "f16"
     offload_kqv: bool = True  # must stay on when offloading Phi-2 (llama.cpp issue #4437)
+    # ggml device handles llama.cpp may use (ondevice.backends.engine_devices): [] = the CPU
+    # only, None = llama.cpp's own choice (every GPU it finds).
+    devices: list[int] | None = None
 
 
 @dataclass
@@ -183,6 +186,10 @@ class Engine:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = config.n_gpu_layers
         mp.main_gpu = config.main_gpu
+        if config.devices is not None:
+            # A NULL-terminated array; kept on self because llama.cpp reads it during the load.
+            self._devices = (ctypes.c_void_p * (len(config.devices) + 1))(*config.devices, None)
+            mp.devices = ctypes.addressof(self._devices)
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.use_mmap else L.LLAMA_LOAD_MODE_NONE
         self.notes: list[str] = []
         if (
@@ -207,6 +214,8 @@ class Engine:
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {path}: {_last_error()}")
+        # What the load did (e.g. "offloaded 31/31 layers to GPU"), before the context's lines.
+        self.load_log = recent_native_log(40)
         self.vocab = L.llama_model_get_vocab(self.model)
         cp = L.llama_context_default_params()
         cp.n_ctx = config.n_ctx

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ondevice import backends, engine, models, stats
-from ondevice.errors import ContextOverflow, ModelClosed, OndeviceError, UsageError
+from ondevice.errors import ContextOverflow, ModelClosed, ModelLoadError, OndeviceError, UsageError
 from ondevice.gguf_check import GGUFHeader, read_header
 from ondevice.stats import Stats
 
@@ -233,6 +233,24 @@ class Model:
             if chunk.stats is not None:
                 final = chunk.stats
         return Result("".join(parts), tokens, final)
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Iterator[Chunk]:
+        """Stream the reply to OpenAI-style messages in the model's chat format, like stream().
+
+        Keywords: chat_format, max_tokens, stop, cancel and the sampling parameters
+        (see `ondevice.conversation.chat`)."""
+        from ondevice.conversation import chat
+
+        return chat(self, messages, **kwargs)
+
+    def conversation(self, system: str | None = None, **kwargs: Any) -> Any:
+        """A `Conversation` that keeps the history and reuses the KV cache between turns.
+
+        Keywords: chat_format, max_tokens, stop and sampling defaults for every turn
+        (see `ondevice.conversation.Conversation`)."""
+        from ondevice.conversation import Conversation
+
+        return Conversation(self, system, **kwargs)
 
     def _stream(
         self,
@@ -464,6 +482,7 @@ def load(
     n_ubatch: int = 512,
     kv_type: str = "f16",
     on_progress: Callable[[float], Any] | None = None,
+    no_fallback: bool = False,
 ) -> Model:
     """Load a model: a path to a .gguf file, `demo`, or a name from the local store.
 
@@ -472,12 +491,15 @@ def load(
     backend      "auto" (Metal on Apple Silicon, else a GPU if present, else CPU), "cpu",
                  "metal", "vulkan", "vulkan:N".
     threads      "auto" (the performance cores) or a number.
-    gpu_layers   layers to offload when a GPU backend is chosen ("auto" = all).
+    gpu_layers   layers to offload when a GPU backend is chosen ("auto" = all that fit the
+                 device's free memory).
     flash_attn   "auto" (llama.cpp decides per device), "on" or "off".
     use_mmap     map the file (pages can be shared and dropped) instead of reading it.
     kv_type      KV cache element type: f16 (default), bf16, f32, q8_0, q4_0 (where the model
                  allows it).
     on_progress  called with a fraction 0..1 while the weights load (from this thread).
+    no_fallback  when the GPU has no usable device or loading on it fails, raise instead of
+                 running on the CPU (the fallback is noted in Model.notes and Stats.notes).
 
     The file is validated before llama.cpp sees it: a malformed file raises InvalidModelFile
     instead of crashing the process.
@@ -486,7 +508,6 @@ def load(
     path = models.resolve(model)
     header = read_header(path)
     n_threads = _threads(threads)
-    placement = backends.choose(backend, gpu_layers)
     trained = int(header.arch_value("context_length", 0) or 0)
     ctx = n_ctx if n_ctx is not None else (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)
     if ctx < 8:
@@ -497,6 +518,18 @@ def load(
         )
     if flash_attn not in engine.FLASH_ATTN:
         raise UsageError(f"flash_attn must be auto, on or off, not {flash_attn!r}")
+    placement = backends.choose(
+        backend,
+        gpu_layers,
+        header=header,
+        n_ctx=ctx,
+        kv_type=kv_type,
+        n_ubatch=min(n_ubatch, n_batch),
+        fallback=not no_fallback,
+    )
+    attention = backends.attention_settings(
+        header.architecture, placement, flash_attn, kv_type, backends.head_dims(header)
+    )
     config = engine.EngineConfig(
         n_ctx=ctx,
         n_batch=n_batch,
@@ -505,7 +538,9 @@ def load(
         threads_batch=n_threads,
         n_gpu_layers=placement.n_gpu_layers,
         main_gpu=placement.main_gpu,
-        flash_attn=flash_attn,
+        devices=backends.engine_devices(placement),
+        flash_attn=attention.flash_attn,
+        offload_kqv=attention.offload_kqv,
         use_mmap=use_mmap,
         type_k=kv_type,
         type_v=kv_type,
@@ -523,8 +558,24 @@ def load(
 
     try:
         eng = engine.Engine(str(path), config, progress)
-    except OndeviceError:
-        raise
+    except OndeviceError as exc:
+        if not placement.on_gpu:
+            raise
+        if no_fallback:
+            raise ModelLoadError(
+                f"loading on {placement.device} failed: {exc.message}",
+                hint="drop --no-fallback to run on the CPU instead, or use --backend cpu",
+            ) from exc
+        # The GPU refused the model (out of device memory, a driver error): run on the CPU.
+        note = f"loading on {placement.device} failed ({exc.message}); ran on the CPU instead"
+        log.warning("%s", note)
+        placement = backends.CPU.with_note(note)
+        attention = backends.attention_settings(
+            header.architecture, placement, flash_attn, kv_type, backends.head_dims(header)
+        )
+        config.n_gpu_layers, config.devices = 0, []
+        config.flash_attn = attention.flash_attn
+        eng = engine.Engine(str(path), config, progress)
     load_s = time.perf_counter() - t0
     log.info(
         "loaded %s in %.2fs (n_ctx=%d, threads=%d, %s)",
@@ -534,7 +585,10 @@ def load(
         n_threads,
         placement.device,
     )
-    return Model(path, header, eng, placement, load_s, n_threads)
+    m = Model(path, header, eng, placement, load_s, n_threads)
+    m.backend = backends.describe(placement, backends.offloaded_layers(eng.load_log))
+    m.notes.extend([*placement.notes, *attention.notes])
+    return m
 
 
 def _threads(threads: int | str) -> int:

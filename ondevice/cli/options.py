@@ -8,11 +8,21 @@ from typing import Any
 import click
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
-LOAD_OPTIONS = ("ctx", "threads", "backend", "gpu_layers", "flash_attn", "no_mmap", "kv_type")
+LOAD_OPTIONS = (
+    "ctx",
+    "threads",
+    "backend",
+    "gpu_layers",
+    "flash_attn",
+    "no_mmap",
+    "kv_type",
+    "no_fallback",
+)
 
 
 def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type."""
+    """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type,
+    --no-fallback."""
     opts = [
         click.option(
             "--ctx",
@@ -38,7 +48,12 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--gpu-layers",
             default="auto",
             show_default=True,
-            help="Layers to offload to the GPU backend (auto = all).",
+            help="Layers to offload to the GPU backend (auto = all that fit its free memory).",
+        ),
+        click.option(
+            "--no-fallback",
+            is_flag=True,
+            help="Fail instead of running on the CPU when the GPU backend can't load the model.",
         ),
         click.option(
             "--flash-attn",
@@ -105,10 +120,11 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "n_ctx": params.get("ctx"),
         "threads": params.get("threads", "auto"),
         "backend": params.get("backend", "auto"),
-        "gpu_layers": gpu if gpu in ("auto", "all") else int(gpu),
+        "gpu_layers": gpu,  # "auto" or a number; ondevice.backends checks it
         "flash_attn": params.get("flash_attn", "auto"),
         "use_mmap": not params.get("no_mmap", False),
         "kv_type": params.get("kv_type", "f16"),
+        "no_fallback": params.get("no_fallback", False),
     }
 
 
