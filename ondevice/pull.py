@@ -118,7 +118,7 @@ def pull(
     MissingExtra (no quantizer for this quant), UsageError (bad names).
     """
     repo = check_repo_id(repo)
-    quant = store.canonical_quant(quant)
+    quant = _canonical(quant)
     name = store.check_name(name) if name else store.name_for_repo(repo)
     want_rev = revision or DEFAULT_REVISION
     step = on_step or log.info
@@ -132,12 +132,11 @@ def pull(
                 f"{existing.ref} in the store comes from {existing.repo}, not {repo}",
                 hint="pick another name with --name, or --force to replace it",
             )
-        if (
-            not force
-            and existing.repo.lower() == repo.lower()
-            and _same_revision(existing, want_rev)
-        ):
-            return PullResult(existing, "present")
+        same = existing.repo.lower() == repo.lower() and _same_revision(existing, want_rev)
+        if same and not force:
+            if _intact(existing):
+                return PullResult(existing, "present")
+            step(f"{existing.ref}'s file is missing or damaged; pulling it again")
 
     hub = _Hub(repo, endpoint=endpoint, cache_dir=cache_dir, progress=progress, step=step)
     commit, files = hub.listing(want_rev)
@@ -145,9 +144,13 @@ def pull(
     plan = make_plan(repo, files, quant)
     quantizer = _quantizer(quant) if plan.kind == "convert" else None
 
-    total = sum(f.size for f in plan.files)
-    what = plan.files[0].path if plan.kind == "gguf" else f"{len(plan.files)} files"
-    step(f"fetching {what} ({store.human_size(total)}) from {repo}@{commit[:8]}")
+    missing = [f for f in plan.files if not hub.is_cached(commit, f)]
+    if missing:
+        what = missing[0].path if len(missing) == 1 else f"{len(missing)} files"
+        size = store.human_size(sum(f.size for f in missing))
+        step(f"downloading {what} ({size}) from {repo}@{commit[:8]}")
+    else:
+        step(f"{repo}@{commit[:8]}: the files are in the Hugging Face cache")
     local = {f.path: hub.fetch(commit, f) for f in plan.files}
 
     with store.work_dir() as work:
@@ -285,20 +288,41 @@ def _same_revision(entry: store.Entry, revision: str) -> bool:
     )
 
 
+def _intact(entry: store.Entry) -> bool:
+    try:
+        return entry.path.stat().st_size == entry.size
+    except OSError:
+        return False
+
+
 def _quantizer(quant: str) -> Callable[..., Any] | None:
-    """The quantize function if `quant` needs one (checked before any download)."""
+    """The quantize function if `quant` needs one; the type is checked before any download."""
     if quant in CONVERT_OUTTYPES:
         return None
     try:
-        from ondevice.quantize import quantize
+        from ondevice.quantize import get_type, quantize
     except ImportError:
-        quantize = None
-    if not callable(quantize):
         raise MissingExtra(
             f"making {quant} needs ondevice's quantizer (ondevice.quantize), which isn't installed",
             hint="--quant F16, BF16 or Q8_0 converts without it",
+        ) from None
+    qtype = get_type(quant)  # UsageError for an unknown type
+    if qtype.needs_imatrix:
+        raise UsageError(
+            f"{quant} needs an importance matrix, which pull doesn't make",
+            hint="pull F16, then `ondevice quantize --imatrix`; or pick e.g. Q4_K_M",
         )
     return quantize
+
+
+def _canonical(quant: str) -> str:
+    """Upper case, and llama-quantize's aliases (Q4_K → Q4_K_M), so one model has one name."""
+    q = store.canonical_quant(quant)
+    try:
+        from ondevice.quantize.types import ALIASES
+    except ImportError:
+        return q
+    return ALIASES.get(q, q)
 
 
 # -- building the GGUF -----------------------------------------------------------------------
@@ -488,6 +512,9 @@ class _Hub:
 
     def snapshot_dir(self, commit: str) -> Path:
         return self.storage / "snapshots" / commit
+
+    def is_cached(self, commit: str, f: RemoteFile) -> bool:
+        return (self.snapshot_dir(commit) / f.path).is_file()
 
     def fetch(self, commit: str, f: RemoteFile) -> Path:
         """The verified local copy of `f` in the HF cache, downloading it if needed."""
