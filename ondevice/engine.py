@@ -281,6 +281,16 @@ class Engine:
     def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
         L.llama_set_n_threads(self.ctx, threads, threads_batch or threads)
 
+    def describe(self) -> str:
+        """llama.cpp's one-line model description, e.g. "llama 135M Q4_1" (llama-bench's)."""
+        buf = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def synchronize(self) -> None:
+        """Wait until the backend has finished the evaluations queued so far (benchmarks)."""
+        L.llama_synchronize(self.ctx)
+
     # --- text <-> tokens ------------------------------------------------------------------
     def tokenize(
         self, text: str | bytes, *, add_special: bool = True, parse_special: bool = True
