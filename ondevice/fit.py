@@ -1,23 +1,55 @@
 """Predicts a model's peak memory from its GGUF header alone: weights + KV cache + compute + overhead.
 
-Used by `ondevice info`, `ondevice fit` and `load()` (which refuses a model that cannot fit the
-available memory). Each term is the arithmetic llama.cpp itself uses to size its buffers:
-  weights   the tensor data (with mmap the pages are file-backed but still resident);
-  kv        n_ctx × layers × (K row + V row) bytes, for the chosen cache type;
-  compute   llama.cpp's scheduler buffer, dominated by the logits of one micro-batch and the
-            attention scores of one micro-batch against the whole context;
-  overhead  the Python interpreter, the binding and llama.cpp's own allocations.
+Used by `ondevice info`, `ondevice fit`, `ondevice bench --profile` and `load()` (which refuses a
+model that cannot fit the available memory). Each term follows what llama.cpp allocates and what
+the process then really touches (resident pages, which is what the OS counts and kills for):
+
+  weights   the tensor data. With mmap the pages are file-backed (the kernel could drop and
+            re-read them) but they are all read at load and during every token, so they are
+            resident; without mmap they are anonymous copies.
+  repack    with llama.cpp's weight repacking (`use_extra_bufts`, on by default except on this
+            project's AMX machines) the repackable matrices are copied into anonymous
+            CPU_REPACK buffers while, with mmap, their file pages stay mapped and resident:
+            those bytes count twice.
+  kv        n_ctx × layers × (K row + V row) bytes for the cache type; llama.cpp clears the whole
+            buffer at creation, so every page is resident from the start.
+  compute   the part of llama.cpp's scheduler buffer that a prompt batch of n_ubatch tokens
+            touches (activations of one layer, the attention mask, the matmul work buffer).
+            llama.cpp *reserves* more ("compute buffer size" in its log: the logits of a whole
+            micro-batch), but generation asks for one row of logits, and the untouched rest of
+            a large malloc never becomes resident. `compute_reserved_bytes` is the reservation,
+            which is what a GPU backend really allocates.
+  overhead  the Python process with ondevice and llama.cpp loaded, plus the tokenizer's tables
+            (llama.cpp's and our header's), which grow with the vocabulary and merges.
+
+The coefficients were calibrated on this project's machine from llama.cpp's own log lines and
+from measured peak RSS (benchmarks/fit_accuracy.py prints prediction next to measurement for
+SmolLM2-135M and Phi-2-shaped Q4_K_M / Q8_0 at 512 and 2048 tokens).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ondevice.gguf_check import GGUFHeader
 
-# Measured RSS of a Python process with ondevice and llama.cpp imported and no model loaded.
-RUNTIME_OVERHEAD_BYTES = 120 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+# RSS of a Python process that imported ondevice and initialised llama.cpp, before any model:
+# interpreter, numpy, psutil, click and the llama.cpp/ggml shared libraries (measured here:
+# 55-58 MB, about half of it file-backed library pages).
+RUNTIME_BASE_BYTES = 58 * 1000 * 1000
+# Per tokenizer entry (token or merge): llama.cpp's vocab maps and token-to-piece cache plus
+# the header's Python strings. Calibrated from SmolLM2 (49152 tokens, 48900 merges): ~34 MB.
+TOKENIZER_BYTES_PER_ENTRY = 350
+# Activations live at the widest point of one layer, per token of the micro-batch, in units of
+# 4-byte floats of the embedding and FFN widths (calibrated on llama and phi2 graphs).
+ACT_EMBD_FLOATS = 6.0
+ACT_FF_FLOATS = 3.0
 
 KV_TYPE_SIZES = {
     "f32": (1, 4),
@@ -30,64 +62,417 @@ KV_TYPE_SIZES = {
     "q5_1": (32, 24),
 }
 
+# Weight types llama.cpp's CPU backend repacks, by CPU family (ggml-cpu/repack.cpp,
+# ggml_repack_get_optimal_repack_type), with the row multiple the repacked layout needs.
+REPACK_TYPES = {
+    "x86_avx2": ({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}, 8),
+    "x86_avx512": ({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}, 8),
+    "arm_dotprod": ({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}, 4),
+    "none": (set(), 1),
+}
+
+# Effective bits per weight of llama.cpp's quantization presets (whole file over parameters,
+# from the published Phi-2 GGUF sizes: some tensors stay at higher precision), for "which
+# quant type would fit".
+PRESET_BPW = {
+    "F16": 16.0,
+    "Q8_0": 8.52,
+    "Q6_K": 6.59,
+    "Q5_K_M": 5.76,
+    "Q4_K_M": 5.06,
+    "Q4_0": 4.60,
+    "Q3_K_M": 3.95,
+    "Q2_K": 3.25,
+}
+
 
 @dataclass
 class Prediction:
+    """Predicted resident memory of one loaded model, term by term, in bytes."""
+
     weights_bytes: int
     kv_bytes: int
     compute_bytes: int
     overhead_bytes: int
     n_ctx: int
     kv_type: str
+    repack_bytes: int = 0
+    compute_reserved_bytes: int = 0
+    n_ubatch: int = 512
+    use_mmap: bool = True
+    repack: bool = False
+    flash_attn: bool = True
 
     @property
     def predicted_peak_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+        return (
+            self.weights_bytes
+            + self.repack_bytes
+            + self.kv_bytes
+            + self.compute_bytes
+            + self.overhead_bytes
+        )
+
+    @property
+    def file_backed_bytes(self) -> int:
+        """Resident pages the kernel could drop and re-read (the mapped model file)."""
+        return self.weights_bytes if self.use_mmap else 0
+
+    @property
+    def anon_bytes(self) -> int:
+        """Resident pages that only swap could free (copies, KV, compute, the process)."""
+        return self.predicted_peak_bytes - self.file_backed_bytes
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["predicted_peak_bytes"] = self.predicted_peak_bytes
+        out["file_backed_bytes"] = self.file_backed_bytes
+        out["anon_bytes"] = self.anon_bytes
         return out
+
+
+@dataclass
+class FitReport:
+    """`ondevice fit`'s answer: the prediction against a RAM budget, and what would fit."""
+
+    prediction: Prediction
+    ram_bytes: int
+    model: str = ""
+    max_ctx: int = 0  # the largest context that fits (0: none), capped at the trained one
+    trained_ctx: int = 0
+    quant_options: list[dict[str, Any]] = field(default_factory=list)
+    kv_options: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.prediction.predicted_peak_bytes <= self.ram_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model": self.model, **self.prediction.to_dict()}
+        out.update(
+            ram_bytes=self.ram_bytes,
+            fits=self.fits,
+            headroom_bytes=self.ram_bytes - self.prediction.predicted_peak_bytes,
+            max_ctx=self.max_ctx,
+            trained_ctx=self.trained_ctx,
+            quant_options=self.quant_options,
+            kv_options=self.kv_options,
+            notes=self.notes,
+        )
+        return out
+
+
+# --- the terms ------------------------------------------------------------------------------
+def _dims(header: GGUFHeader) -> dict[str, int]:
+    n_embd = int(header.arch_value("embedding_length", 0) or 0)
+    n_head = _first(header.arch_value("attention.head_count", 1)) or 1
+    n_head_kv = _first(header.arch_value("attention.head_count_kv", n_head)) or n_head
+    k_len = int(header.arch_value("attention.key_length", 0) or n_embd // n_head)
+    v_len = int(header.arch_value("attention.value_length", 0) or k_len)
+    return {
+        "n_layer": int(header.arch_value("block_count", 0) or 0),
+        "n_embd": n_embd,
+        "n_ff": _first(header.arch_value("feed_forward_length", 4 * n_embd)),
+        "n_head": n_head,
+        "n_head_kv": n_head_kv,
+        "k_len": k_len,
+        "v_len": v_len,
+        "n_vocab": _vocab_size(header),
+    }
+
+
+def _vocab_size(header: GGUFHeader) -> int:
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and tokens:
+        return len(tokens)
+    n = header.arch_value("vocab_size")
+    if n:
+        return int(n)
+    for t in header.tensors:  # the embedding matrix is [n_embd, n_vocab]
+        if t.name == "token_embd.weight" and len(t.shape) == 2:
+            return int(t.shape[1])
+    return 32000
+
+
+def kv_type_problem(header: GGUFHeader, kv_type: str) -> str | None:
+    """Why llama.cpp would refuse this KV cache type for this model, or None if it's fine.
+
+    A quantized cache stores rows in blocks of 32 values; llama.cpp refuses it when a head's
+    width is not a multiple of the block (Phi-2: head size 80).
+    """
+    if kv_type not in KV_TYPE_SIZES:
+        return f"unknown KV cache type {kv_type!r} (use {', '.join(KV_TYPE_SIZES)})"
+    block, _ = KV_TYPE_SIZES[kv_type]
+    d = _dims(header)
+    for name, width in (("K", d["k_len"]), ("V", d["v_len"])):
+        if width % block:
+            return (
+                f"{kv_type} {name} cache blocks of {block} do not divide the head size "
+                f"{width} of this model ({header.architecture})"
+            )
+    return None
 
 
 def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16") -> int:
     """Bytes of the KV cache for n_ctx tokens: layers × n_ctx × (K + V row bytes)."""
-    n_layer = int(header.arch_value("block_count", 0))
-    n_embd = int(header.arch_value("embedding_length", 0))
-    n_head = _first(header.arch_value("attention.head_count", 1))
-    n_head_kv = _first(header.arch_value("attention.head_count_kv", n_head))
-    k_len = int(header.arch_value("attention.key_length", n_embd // max(n_head, 1)))
-    v_len = int(header.arch_value("attention.value_length", k_len))
+    d = _dims(header)
     block, size = KV_TYPE_SIZES[kv_type]
-    row_k = k_len * n_head_kv // block * size
-    row_v = v_len * n_head_kv // block * size
-    return n_ctx * n_layer * (row_k + row_v)
+    row_k = d["k_len"] * d["n_head_kv"] // block * size
+    row_v = d["v_len"] * d["n_head_kv"] // block * size
+    return n_ctx * d["n_layer"] * (row_k + row_v)
+
+
+def _mask_bytes(n_ctx: int, n_tokens: int, flash_attn: bool) -> int:
+    # The KQ mask input: n_kv × n_tokens, f16 for flash attention, f32 otherwise; n_kv is the
+    # context padded to 256 cells.
+    n_kv = -(-n_ctx // 256) * 256
+    return n_kv * n_tokens * (2 if flash_attn else 4)
+
+
+def compute_resident_bytes(
+    header: GGUFHeader, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = True
+) -> int:
+    """Compute-buffer bytes a full micro-batch of prompt touches (one output row of logits).
+
+    The widest point of a layer holds a few embedding-wide and FFN-wide f32 activations per
+    token; the matmul work buffer holds the quantized copy of one of them. Without flash
+    attention the scores (n_kv × tokens × heads, f32) are materialised too.
+    """
+    d = _dims(header)
+    t = min(n_ubatch, n_ctx)
+    acts = t * 4 * (ACT_EMBD_FLOATS * d["n_embd"] + ACT_FF_FLOATS * d["n_ff"])
+    out = acts + _mask_bytes(n_ctx, t, flash_attn) + 4 * d["n_vocab"]
+    if not flash_attn:
+        n_kv = -(-n_ctx // 256) * 256
+        out += 2 * n_kv * t * d["n_head"] * 4  # scores, then softmax
+    return int(out)
 
 
 def compute_bytes(header: GGUFHeader, n_ctx: int, n_ubatch: int = 512) -> int:
-    """llama.cpp's compute buffer for one micro-batch: logits plus attention scores and the
-    widest activations (an estimate of the scheduler's reservation)."""
-    n_embd = int(header.arch_value("embedding_length", 0))
-    n_ff = _first(header.arch_value("feed_forward_length", 4 * n_embd))
-    n_head = _first(header.arch_value("attention.head_count", 1))
-    n_vocab = len(header.metadata.get("tokenizer.ggml.tokens", ())) or 32000
-    logits = n_ubatch * n_vocab * 4
-    scores = n_ubatch * n_ctx * n_head * 4
-    acts = n_ubatch * (3 * n_embd + 2 * n_ff) * 4
-    return logits + scores + acts
+    """llama.cpp's compute-buffer reservation for one micro-batch ("compute buffer size"):
+    the larger of a layer's activations and the logits of every token of the micro-batch,
+    plus the mask. This is what a GPU backend allocates in device memory."""
+    return compute_reserved_bytes(header, n_ctx, n_ubatch)
+
+
+def compute_reserved_bytes(
+    header: GGUFHeader, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = True
+) -> int:
+    d = _dims(header)
+    t = min(n_ubatch, n_ctx)
+    layer = compute_resident_bytes(header, n_ctx, n_ubatch, flash_attn) - 4 * d["n_vocab"]
+    logits = t * 4 * (d["n_vocab"] + d["n_embd"]) + _mask_bytes(n_ctx, t, flash_attn)
+    return int(max(layer, logits))
+
+
+def tokenizer_entries(header: GGUFHeader) -> int:
+    md = header.metadata
+    n = 0
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        value = md.get(key)
+        if isinstance(value, list):
+            n += len(value)
+    return n
+
+
+def overhead_bytes(header: GGUFHeader) -> int:
+    """The process without the model's buffers: interpreter, libraries, tokenizer tables."""
+    return RUNTIME_BASE_BYTES + TOKENIZER_BYTES_PER_ENTRY * tokenizer_entries(header)
+
+
+def cpu_repack_family() -> str:
+    """Which of REPACK_TYPES this CPU's llama.cpp build would use (from /proc/cpuinfo)."""
+    from ondevice.system import cpu_features
+
+    feats = set(cpu_features())
+    if "avx512f" in feats:
+        return "x86_avx512"
+    if "avx2" in feats:
+        return "x86_avx2"
+    if "asimddp" in feats or "i8mm" in feats:
+        return "arm_dotprod"
+    return "none"
+
+
+def repackable_bytes(header: GGUFHeader, family: str | None = None) -> int:
+    """Bytes of the weight matrices llama.cpp would repack on this CPU family: 2-D matrices
+    that feed a matrix multiply (not the token embeddings, which are row lookups) of a type the
+    family has kernels for, with a row count the interleaved layout divides."""
+    types, rows = REPACK_TYPES[family or cpu_repack_family()]
+    total = 0
+    for t in header.tensors:
+        if t.name.startswith("token_embd") or len(t.shape) != 2:
+            continue
+        if t.type_name in types and t.shape[1] % rows == 0:
+            total += t.n_bytes
+    return total
 
 
 def predict(
-    header: GGUFHeader, n_ctx: int, kv_type: str = "f16", n_ubatch: int = 512
+    header: GGUFHeader,
+    n_ctx: int,
+    kv_type: str = "f16",
+    n_ubatch: int = 512,
+    *,
+    use_mmap: bool = True,
+    repack: bool = False,
+    flash_attn: bool = True,
+    repack_family: str | None = None,
 ) -> Prediction:
+    """Predict the peak resident memory of this model loaded at n_ctx on the CPU.
+
+    repack     whether llama.cpp repacks weights (ondevice turns it off on AMX builds; it is
+               on by default elsewhere): see `predict_for_this_build` for the automatic case.
+    flash_attn whether attention runs fused (llama.cpp's "auto" picks it on CPUs).
+    """
+    weights = header.tensor_bytes
+    extra = repackable_bytes(header, repack_family) if repack else 0
     return Prediction(
-        weights_bytes=header.tensor_bytes,
+        weights_bytes=weights,
         kv_bytes=kv_cache_bytes(header, n_ctx, kv_type),
-        compute_bytes=compute_bytes(header, n_ctx, n_ubatch),
-        overhead_bytes=RUNTIME_OVERHEAD_BYTES,
+        compute_bytes=compute_resident_bytes(header, n_ctx, n_ubatch, flash_attn),
+        overhead_bytes=overhead_bytes(header),
         n_ctx=n_ctx,
         kv_type=kv_type,
+        # Without mmap the repacked tensors replace their plain copies; with mmap both stay.
+        repack_bytes=extra if use_mmap else 0,
+        compute_reserved_bytes=compute_reserved_bytes(header, n_ctx, n_ubatch, flash_attn),
+        n_ubatch=n_ubatch,
+        use_mmap=use_mmap,
+        repack=repack,
+        flash_attn=flash_attn,
     )
+
+
+def repack_default() -> bool:
+    """Whether a load with default settings repacks weights on this machine (the engine turns
+    it off on AMX builds unless ONDEVICE_ALLOW_AMX=1)."""
+    import os
+
+    from ondevice import engine
+
+    return not engine.amx_compiled() or os.environ.get("ONDEVICE_ALLOW_AMX") == "1"
+
+
+# --- what would fit -------------------------------------------------------------------------
+def max_context(
+    header: GGUFHeader, ram_bytes: int, kv_type: str = "f16", cap: int | None = None, **kw: Any
+) -> int:
+    """The largest context (a multiple of 256, at most `cap`) whose prediction fits, or 0."""
+    cap = cap or int(header.arch_value("context_length", 0) or 0) or 131072
+    lo, hi = 0, cap // 256
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if predict(header, mid * 256, kv_type, **kw).predicted_peak_bytes <= ram_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == cap // 256 and cap % 256:
+        if predict(header, cap, kv_type, **kw).predicted_peak_bytes <= ram_bytes:
+            return cap
+    return lo * 256
+
+
+def quant_options(
+    header: GGUFHeader, ram_bytes: int, n_ctx: int, kv_type: str = "f16", **kw: Any
+) -> list[dict[str, Any]]:
+    """For each llama.cpp preset, the predicted peak if the model were quantized to it (from
+    the preset's effective bits per weight) and whether it would fit."""
+    base = predict(header, n_ctx, kv_type, **kw)
+    n_params = header.n_params
+    out = []
+    for name, bpw in PRESET_BPW.items():
+        weights = int(n_params * bpw / 8)
+        peak = base.predicted_peak_bytes - base.weights_bytes - base.repack_bytes + weights
+        out.append(
+            {
+                "type": name,
+                "weights_bytes": weights,
+                "predicted_peak_bytes": peak,
+                "fits": peak <= ram_bytes,
+            }
+        )
+    return out
+
+
+def fit_report(
+    header: GGUFHeader,
+    ram_bytes: int,
+    n_ctx: int,
+    kv_type: str = "f16",
+    *,
+    model: str = "",
+    **kw: Any,
+) -> FitReport:
+    """Predict, compare with `ram_bytes`, and list the contexts / KV types / quants that fit."""
+    problem = kv_type_problem(header, kv_type)
+    if problem:
+        from ondevice.errors import UsageError
+
+        raise UsageError(problem, hint="use --kv f16 for this model")
+    pred = predict(header, n_ctx, kv_type, **kw)
+    trained = int(header.arch_value("context_length", 0) or 0)
+    rep = FitReport(pred, ram_bytes, model=model, trained_ctx=trained)
+    rep.max_ctx = max_context(header, ram_bytes, kv_type, cap=trained or None, **kw)
+    for kv in ("f16", "q8_0", "q4_0"):
+        why = kv_type_problem(header, kv)
+        if why:
+            rep.kv_options.append({"kv_type": kv, "allowed": False, "why": why})
+            continue
+        p = predict(header, n_ctx, kv, **kw)
+        rep.kv_options.append(
+            {
+                "kv_type": kv,
+                "allowed": True,
+                "kv_bytes": p.kv_bytes,
+                "predicted_peak_bytes": p.predicted_peak_bytes,
+                "fits": p.predicted_peak_bytes <= ram_bytes,
+            }
+        )
+    rep.quant_options = quant_options(header, ram_bytes, n_ctx, kv_type, **kw)
+    if trained and n_ctx > trained:
+        rep.notes.append(f"n_ctx {n_ctx} is beyond the trained context {trained}")
+    return rep
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_bytes(text: str | int) -> int:
+    """ "4GB" → 4e9, "3.5GiB" → 3.5·2³⁰, "512MiB", "2000000000"; UsageError otherwise."""
+    import re
+
+    from ondevice.errors import UsageError
+
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(
+            f"cannot read {text!r} as an amount of memory",
+            hint="write it like 4GB, 3.5GiB or 512MiB",
+        )
+    value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise UsageError(f"memory must be more than 0, got {text!r}")
+    return int(value)
 
 
 def _first(value: Any) -> int:

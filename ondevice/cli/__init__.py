@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "run": "ondevice.cli.run:run",
     "info": "ondevice.cli.info:info",
     "system": "ondevice.cli.system:system",
+    "bench": "ondevice.cli.bench:bench",
+    "fit": "ondevice.cli.fit:fit",
     "convert": "ondevice.cli.convert:convert",
     "pull": "ondevice.cli.pull:pull",
     "list": "ondevice.cli.list:list_models",
