@@ -316,13 +316,14 @@ def _quantizer(quant: str) -> Callable[..., Any] | None:
 
 
 def _canonical(quant: str) -> str:
-    """Upper case, and llama-quantize's aliases (Q4_K → Q4_K_M), so one model has one name."""
+    """Upper case, llama-quantize's aliases resolved (Q4_K → Q4_K_M, so one model has one
+    name), and unknown types refused before any network traffic (UsageError)."""
     q = store.canonical_quant(quant)
     try:
-        from ondevice.quantize.types import ALIASES
+        from ondevice.quantize import get_type
     except ImportError:
         return q
-    return ALIASES.get(q, q)
+    return get_type(q).name
 
 
 # -- building the GGUF -----------------------------------------------------------------------

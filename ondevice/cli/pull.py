@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 from collections.abc import Iterator
@@ -52,6 +53,9 @@ def pull(
       ondevice pull TheBloke/phi-2-GGUF --quant Q5_K_M
     """
     from ondevice.pull import pull as pull_model
+
+    # huggingface-hub prints its warnings through its own handler; don't print them twice.
+    logging.getLogger("huggingface_hub").propagate = False
 
     def step(message: str) -> None:
         click.echo(message, err=True)
