@@ -40,7 +40,7 @@ MAC = Probe(
     machine="arm64",
     compiled=("metal",),
     registered=("MTL", "BLAS", "CPU"),
-    devices=(gpu(0, "MTL0", "Apple M2 Pro", "MTL", 21 * GIB, "igpu"), cpu_device(1)),
+    devices=(gpu(0, "MTL0", "Apple M2 Pro", "MTL", 21 * GIB), cpu_device(1)),
 )
 PC = Probe(
     platform="linux",
