@@ -358,7 +358,11 @@ def _build(
     convert_folder(folder, intermediate, outtype=outtype, name=name, progress=progress)
     step(f"quantizing to {quant}")
     try:
-        quantizer(intermediate, out, type=quant)
+        if progress:
+            with _TensorBar(f"quantizing to {quant}") as bar:
+                quantizer(intermediate, out, type=quant, on_progress=bar.update)
+        else:
+            quantizer(intermediate, out, type=quant)
     except (QuantizeError, MissingExtra):
         raise
     except (OSError, ValueError) as exc:
@@ -368,6 +372,28 @@ def _build(
         raise QuantizeError(f"the quantizer reported success but wrote no {out.name}")
     quant_info = {"name": "llama.cpp", "llama_cpp_python": _version("llama-cpp-python")}
     return {"converter": converter, "quantizer": quant_info}
+
+
+class _TensorBar:
+    """A progress bar over the quantizer's `on_progress(done, total, name)` calls."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: Any = None
+
+    def update(self, done: int, total: int, name: str) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _TensorBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _check_gguf(path: Path, quant: str) -> str | None:
@@ -436,7 +462,7 @@ class _Hub:
         self.step = step
         self.tqdm_class = None if progress else _quiet_tqdm()
         self.downloaded = 0
-        self.offline_reason: str | None = "HF_HUB_OFFLINE is set" if _offline() else None
+        self.offline_reason: str | None = _OFFLINE_ENV if _offline() else None
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -457,7 +483,7 @@ class _Hub:
         if cached is None:
             raise DownloadError(
                 f"{self.repo}@{revision} isn't in the local cache and {self.offline_reason}",
-                hint="pulling it needs the network: connect (and unset HF_HUB_OFFLINE)",
+                hint=self._network_hint(),
             )
         commit, files = cached
         self.step(f"offline: using the cached listing of {self.repo}@{commit[:8]}")
@@ -509,6 +535,11 @@ class _Hub:
             raise DownloadError(f"the hub gave {self.repo} a malformed commit id {commit!r}")
         return commit, files
 
+    def _network_hint(self) -> str:
+        if self.offline_reason == _OFFLINE_ENV:
+            return "pulling it needs the network: unset HF_HUB_OFFLINE"
+        return "pulling it needs the network: check the connection (and HF_ENDPOINT)"
+
     # -- files -----------------------------------------------------------------------------
 
     def snapshot_dir(self, commit: str) -> Path:
@@ -524,7 +555,7 @@ class _Hub:
             if self.offline_reason is not None:
                 raise DownloadError(
                     f"{self.repo}: {f.path} isn't in the local cache and {self.offline_reason}",
-                    hint="pulling it needs the network: connect (and unset HF_HUB_OFFLINE)",
+                    hint=self._network_hint(),
                 )
             if f.sha256 is not None:
                 self._download_lfs(commit, f)
@@ -662,6 +693,9 @@ class _Hub:
             f"{self.repo}: {f.path} {problem}; deleted it and stored nothing",
             hint="pull again; if it persists, the repo or a proxy serves a bad file",
         )
+
+
+_OFFLINE_ENV = "HF_HUB_OFFLINE is set"
 
 
 class _Unreachable(Exception):

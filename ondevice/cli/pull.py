@@ -66,7 +66,8 @@ def pull(
         )
     entry = result.entry
     if as_json:
-        click.echo(json.dumps({"status": result.status, **entry.to_dict()}, indent=2))
+        status = {"status": result.status, "downloaded_bytes": result.downloaded}
+        click.echo(json.dumps({**status, **entry.to_dict()}, indent=2))
         return
     if result.status == "present":
         step(
