@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import gguf
 import numpy as np
+from ondevice.convert import quants
 from ondevice.convert.safetensors_source import FLOAT_DTYPES, Checkpoint, TensorRef
 from ondevice.convert.tokenizer import load_bpe_vocab
 
@@ -393,7 +394,7 @@ def _encode(block: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType)
         return np.ascontiguousarray(f32)
     if qtype == Q.F16:
         return f32.astype(np.float16)  # round to nearest even, as ggml and torch do
-    return gguf.quants.quantize(f32, qtype)  # BF16, Q8_0: bit-exact with ggml's reference
+    return quants.quantize(f32, qtype)  # BF16, Q8_0: ggml's reference bytes
 
 
 def _copy_range(src_fd: int, offset: int, nbytes: int, dst_fd: int) -> None:

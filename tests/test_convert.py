@@ -332,6 +332,22 @@ def test_q8_0_is_bit_exact_with_gguf_quants(tiny, converted):
         assert tensors[gguf_name].data.tobytes() == want.tobytes()
 
 
+def test_numpy_fallback_quantizer_gives_the_same_file(tiny, tmp_path, monkeypatch):
+    """Without llama.cpp's ggml library, gguf-py's quantizer writes the same bytes."""
+    from ondevice.convert import quants
+
+    engine = convert(tiny["base"].path, tmp_path / "engine.gguf", outtype="q8_0")
+    monkeypatch.setenv("ONDEVICE_CONVERT_QUANTIZER", "numpy")
+    quants._ggml.cache_clear()
+    try:
+        assert not quants.engine_available()
+        fallback = convert(tiny["base"].path, tmp_path / "numpy.gguf", outtype="q8_0")
+    finally:
+        monkeypatch.delenv("ONDEVICE_CONVERT_QUANTIZER")
+        quants._ggml.cache_clear()
+    assert engine.read_bytes() == fallback.read_bytes()
+
+
 def test_chunking_does_not_change_the_result(tiny, tmp_path, monkeypatch):
     """Force tiny chunks (many per tensor, several in flight) and compare with the default."""
     import ondevice.convert.base as base
