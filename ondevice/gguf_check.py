@@ -2,10 +2,18 @@
 
 llama.cpp aborts the whole process on many malformed GGUF files, and gguf-py's reader trusts the
 counts it reads (a 3 MB file claiming a 3-million-element array costs it seconds and gigabytes).
-This reader bounds every count and length by the bytes that are actually left in the file, so a
-hostile header costs at most a pass over the file's own bytes, and every problem becomes one
-`InvalidModelFile` naming the offset and the field. It reads only the header; tensor data is
-never touched (the file is memory-mapped, so only the header's pages are read).
+This reader bounds every count and length by the bytes actually left in the file and by fixed
+limits, so a hostile header costs at most one pass over a bounded number of bytes and objects,
+and every problem becomes one `InvalidModelFile` naming the offset and the field. It reads only
+the header; tensor data is never touched (the file is memory-mapped, so only the header's pages
+are read).
+
+Beyond the GGUF structure it refuses the well-formed files that still abort llama.cpp 0.3.36
+(each found by loading mutated files in a subprocess, see tests/test_gguf_check.py): duplicate
+tokens in the vocabulary (a GGML_ASSERT in the vocab loader; tokens compared as C strings),
+more than 512 layers, inconsistent expert counts, an unknown rope scaling type, odd or too many
+rope dimensions, keys or tensor names with NUL bytes (llama.cpp would look up a different key
+than the one checked here).
 
 Layout (GGUF v2/v3): magic "GGUF", u32 version, u64 tensor count, u64 key/value count, the key/
 value pairs, the tensor infos (name, dims, type, offset), padding to `general.alignment`, data.
@@ -20,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ondevice.errors import InvalidModelFile
 
@@ -28,12 +35,62 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
-MAX_KEY_BYTES = 65535  # far above any real key; a longer "key" is garbage
-# The tokenizer is the only large metadata; an array longer than this is refused outright
-# (the largest real vocabularies are ~260k tokens).
-MAX_ARRAY_LEN = 16 * 1024 * 1024
+MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
+MAX_KEY_BYTES = 65535  # the spec's limit; real keys are < 100 bytes
+# Bounds that keep parsing a hostile file within time and memory (each element becomes a Python
+# object of ~30-60 bytes). Real models stay far below: the largest vocabularies have ~260k tokens,
+# so tokens + scores + types + merges stay under ~1.5 M elements, and ~1k tensors.
+MAX_ARRAY_LEN = 1 << 21  # elements in one metadata array
+MAX_TOTAL_ELEMENTS = 1 << 22  # elements in all metadata arrays together
+MAX_STRING_BYTES = 16 << 20  # one metadata string (chat templates are ~10 kB)
+MAX_HEADER_BYTES = 64 << 20  # metadata + tensor infos (~2 MB for a 50k-token vocabulary)
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS
 
-# GGUF value types: id -> (name, struct format or None for variable size, size)
+# ggml tensor types of the llama.cpp this package is built against: id -> (name, block, bytes).
+# Removed ids (4, 5: Q4_2/Q4_3; 31-33, 36-38: repacked layouts no longer stored in files) and
+# ids >= 43 are refused.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+    42: ("Q2_0", 64, 18),
+}
+
+# GGUF value types: id -> (name, struct format, size)
 _SCALARS: dict[int, tuple[str, str, int]] = {
     0: ("uint8", "<B", 1),
     1: ("int8", "<b", 1),
@@ -47,42 +104,56 @@ _SCALARS: dict[int, tuple[str, str, int]] = {
     11: ("int64", "<q", 8),
     12: ("float64", "<d", 8),
 }
-_NUMPY = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "u1",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1"}
+_NUMPY.update({10: "<u8", 11: "<i8", 12: "<f8"})
 T_STRING, T_ARRAY = 8, 9
+_INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
 _TYPE_NAMES = {**{k: v[0] for k, v in _SCALARS.items()}, T_STRING: "string", T_ARRAY: "array"}
 
-# Keys whose type the spec fixes; a wrong type here is what crashes readers.
+# Keys whose type the spec fixes (llama.cpp asserts on some, our own code reads the others).
 _EXPECTED_TYPES = {
     "general.alignment": 4,
     "general.architecture": T_STRING,
+    "general.name": T_STRING,
+    "tokenizer.ggml.model": T_STRING,
+    "tokenizer.ggml.pre": T_STRING,
+    "tokenizer.chat_template": T_STRING,
 }
-# Tokenizer arrays: key -> element type, and which ones must match the token count.
+# `{arch}.<name>` hyperparameters that are integers; the per-layer ones may be arrays of
+# block_count integers.
+_INT_HPARAMS = (
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "vocab_size",
+    "rope.dimension_count",
+    "expert_count",
+    "expert_used_count",
+    "expert_group_count",
+    "expert_group_used_count",
+    "nextn_predict_layers",
+)
+_PER_LAYER = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+_PER_LAYER += ("expert_used_count",)
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+# Tokenizer arrays: key -> element types allowed, and which ones must match the token count.
 _TOKENIZER_ARRAYS = {
-    "tokenizer.ggml.tokens": T_STRING,
-    "tokenizer.ggml.scores": 6,
-    "tokenizer.ggml.token_type": 5,
-    "tokenizer.ggml.merges": T_STRING,
+    "tokenizer.ggml.tokens": (T_STRING,),
+    "tokenizer.ggml.scores": (6, 5),  # llama.cpp takes float32 or int32 scores
+    "tokenizer.ggml.token_type": (5,),
+    "tokenizer.ggml.merges": (T_STRING,),
 }
 _PER_TOKEN = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")
-_TOKEN_ID_KEYS = (
-    "tokenizer.ggml.bos_token_id",
-    "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.unknown_token_id",
-    "tokenizer.ggml.padding_token_id",
-    "tokenizer.ggml.seperator_token_id",
-    "tokenizer.ggml.eot_token_id",
+_TOKEN_ID_KEYS = tuple(
+    f"tokenizer.ggml.{name}_token_id"
+    for name in ("bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "mask")
+    + ("cls", "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")
+    + ("prefix", "suffix", "middle")
 )
 # Hyperparameters llama.cpp reads for every text model, as `{arch}.<name>`.
 _REQUIRED_ARCH_KEYS = ("block_count", "embedding_length")
@@ -101,7 +172,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return GGMLQuantizationType(self.type_id).name
+        return GGML_TYPES[self.type_id][0]
 
 
 @dataclass
@@ -160,8 +231,11 @@ class _Cursor:
         self.path = path
         self.buf = buf
         self.size = size
+        # Metadata and tensor infos must lie in the first MAX_HEADER_BYTES of the file.
+        self.end = min(size, MAX_HEADER_BYTES)
         self.pos = 0
         self.field = "header"
+        self.elements = 0  # array elements read so far (MAX_TOTAL_ELEMENTS)
 
     def fail(self, message: str, offset: int | None = None, hint: str | None = None):
         raise InvalidModelFile(
@@ -173,7 +247,9 @@ class _Cursor:
         )
 
     def need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > self.size:
+        if n < 0 or self.pos + n > self.end:
+            if self.pos + n <= self.size:
+                self.fail(f"{what} would take the header past the limit of {self.end} bytes")
             self.fail(
                 f"{what} needs {n} bytes but only {self.size - self.pos} remain "
                 "(file truncated or length corrupt)"
@@ -198,26 +274,37 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar(10, what)
 
-    def string(self, what: str, max_len: int | None = None) -> str:
+    def raw_string(self, what: str, max_len: int) -> bytes:
         start = self.pos
         n = self.u64(f"{what} length")
-        if max_len is not None and n > max_len:
-            self.fail(f"{what} length {n} exceeds {max_len}", offset=start)
-        raw = self.take(n, what)
+        if n > max_len:
+            self.fail(f"{what} length {n} exceeds the limit of {max_len} bytes", offset=start)
+        return self.take(n, what)
+
+    def name(self, what: str, max_len: int) -> str:
+        """A key or tensor name: non-empty UTF-8 without NUL or other control characters
+        (llama.cpp compares names as C strings, so "a\\0b" would be looked up as "a")."""
+        start = self.pos
+        raw = self.raw_string(what, max_len)
+        if not raw:
+            self.fail(f"empty {what}", offset=start)
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            # llama.cpp treats strings as bytes; keep them, but visibly.
-            return raw.decode("utf-8", errors="replace")
+            self.fail(f"{what} {raw[:40]!r} is not valid UTF-8", offset=start)
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            self.fail(f"{what} {text[:40]!r} contains control characters", offset=start)
+        return text
 
 
 def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse and validate the header of the GGUF file at `path`.
 
     Raises `InvalidModelFile` for anything llama.cpp could trip over: wrong magic or version,
-    counts or lengths that run past the end of the file, unknown value or tensor types, bad
-    alignment, duplicate keys or tensor names, bad tensor shapes, offsets that are unaligned,
-    out of the file or overlapping, malformed tokenizer arrays, missing architecture keys.
+    counts or lengths that run past the end of the file or over the limits, unknown value or
+    tensor types, bad alignment, duplicate keys or tensor names, bad tensor shapes, offsets that
+    are unaligned, out of the file or overlapping, malformed tokenizer arrays or token ids,
+    missing or inconsistent architecture keys.
     """
     spath = os.fspath(path)
     try:
@@ -234,7 +321,10 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
             raise InvalidModelFile(
                 spath, f"file is {size} bytes, too short for a GGUF header", offset=0, field="magic"
             )
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # e.g. a FIFO or a device
+            raise InvalidModelFile(spath, f"cannot map the file: {exc}") from None
         try:
             return _parse(spath, buf, size)
         finally:
@@ -261,9 +351,10 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
     n_kv = cur.u64("key/value count")
     # Each key/value needs at least 8 (key length) + 1 (key) + 4 (type) + 1 bytes, and each
     # tensor info at least 8 + 1 + 4 + 8 + 4 + 8 bytes; more than that cannot be in the file.
-    if n_kv > (size - cur.pos) // 14:
+    if n_kv > min(MAX_KV, (cur.end - cur.pos) // 14):
         cur.fail(f"key/value count {n_kv} cannot fit in a {size}-byte file", offset=16)
-    if n_tensors > (size - cur.pos) // 33:
+    if n_tensors > min(MAX_TENSORS, (cur.end - cur.pos) // 33):
+        cur.field = "tensor_count"
         cur.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file", offset=8)
 
     metadata: dict[str, Any] = {}
@@ -272,9 +363,7 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
     for i in range(n_kv):
         cur.field = f"key #{i}"
         key_at = cur.pos
-        key = cur.string("key", max_len=MAX_KEY_BYTES)
-        if not key:
-            cur.fail("empty key", offset=key_at)
+        key = cur.name("key", MAX_KEY_BYTES)
         if key in metadata:
             cur.fail(f"duplicate key {key!r}", offset=key_at)
         cur.field = key
@@ -289,6 +378,7 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
             raw_types[key + "[]"] = elem
 
     _check_metadata(cur, metadata, raw_types)
+    _check_hparams(cur, metadata, raw_types)
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
 
     tensors: list[TensorInfo] = []
@@ -296,9 +386,7 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
     for i in range(n_tensors):
         cur.field = f"tensor #{i}"
         at = cur.pos
-        name = cur.string("tensor name", max_len=MAX_KEY_BYTES)
-        if not name:
-            cur.fail("empty tensor name", offset=at)
+        name = cur.name("tensor name", MAX_NAME_BYTES)
         if name in names:
             cur.fail(f"duplicate tensor name {name!r}", offset=at)
         names.add(name)
@@ -310,20 +398,18 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
         n_el = 1
         for d, dim in enumerate(dims):
             if dim == 0:
-                cur.fail(f"dimension {d} is 0")
+                cur.fail(f"dimension {d} is 0", offset=cur.pos - 8 * (n_dims - d))
             n_el *= dim
             if n_el >= 1 << 62:  # ggml uses int64 element counts; keep well clear of overflow
                 cur.fail(f"element count of shape {dims} overflows")
         type_at = cur.pos
         type_id = cur.u32("tensor type")
-        try:
-            qtype = GGMLQuantizationType(type_id)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
+        if type_id not in GGML_TYPES:
             cur.fail(f"unknown tensor type {type_id}", offset=type_at)
+        type_name, block, type_size = GGML_TYPES[type_id]
         if dims[0] % block:
             cur.fail(
-                f"first dimension {dims[0]} is not a multiple of {qtype.name}'s block size {block}"
+                f"first dimension {dims[0]} is not a multiple of {type_name}'s block size {block}"
             )
         offset = cur.u64("data offset")
         if offset % alignment:
@@ -334,24 +420,10 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
         tensors.append(TensorInfo(name, dims, type_id, offset, n_el, n_el // block * type_size))
 
     cur.field = "tensor data"
-    data_offset = -(-cur.pos // alignment) * alignment
-    data_size = size - data_offset
-    # Offsets must stay inside the file and never overlap; sorted by offset, each tensor must
-    # end at or before the next one starts.
-    for t in sorted(tensors, key=lambda t: t.offset):
-        if t.offset + t.n_bytes > data_size:
-            cur.fail(
-                f"tensor {t.name!r} ({t.n_bytes} bytes at data offset {t.offset}) runs "
-                f"past the end of the file ({max(data_size, 0)} data bytes; truncated?)",
-                offset=data_offset + t.offset,
-            )
-    ordered = sorted(tensors, key=lambda t: t.offset)
-    for a, b in zip(ordered, ordered[1:], strict=False):
-        if a.offset + a.n_bytes > b.offset:
-            cur.fail(f"tensors {a.name!r} and {b.name!r} overlap", offset=data_offset + b.offset)
     if n_tensors == 0:
         cur.fail("the file holds no tensors (a vocabulary-only file is not a model)")
-
+    data_offset = -(-cur.pos // alignment) * alignment
+    _check_layout(cur, tensors, alignment, data_offset)
     return GGUFHeader(
         path=path,
         version=version,
@@ -369,7 +441,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[Any, int | None]:
     if vtype in _SCALARS:
         return cur.scalar(vtype, "value"), None
     if vtype == T_STRING:
-        return cur.string("string value"), None
+        raw = cur.raw_string("string value", MAX_STRING_BYTES)
+        # llama.cpp treats strings as bytes; keep undecodable ones, but visibly.
+        return raw.decode("utf-8", errors="replace"), None
     # array
     elem = cur.u32("array element type")
     if elem not in _TYPE_NAMES or elem == T_ARRAY:
@@ -377,32 +451,58 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[Any, int | None]:
         cur.fail(f"unsupported array element type {elem}", offset=cur.pos - 4)
     count_at = cur.pos
     count = cur.u64("array length")
-    remaining = cur.size - cur.pos
+    remaining = cur.end - cur.pos
     min_size = 8 if elem == T_STRING else _SCALARS[elem][2]
-    if count > MAX_ARRAY_LEN or count * min_size > remaining:
+    if count * min_size > remaining:
         cur.fail(f"array length {count} cannot fit in the {remaining} bytes left", offset=count_at)
+    if count > MAX_ARRAY_LEN or cur.elements + count > MAX_TOTAL_ELEMENTS:
+        cur.fail(
+            f"array length {count} exceeds the limit of {MAX_ARRAY_LEN} elements per array and "
+            f"{MAX_TOTAL_ELEMENTS} in all",
+            offset=count_at,
+        )
+    cur.elements += count
     if elem == T_STRING:
-        out = []
-        buf, pos, size = cur.buf, cur.pos, cur.size
-        unpack = struct.unpack_from
-        for _ in range(count):
-            if pos + 8 > size:
-                cur.pos = pos
-                cur.fail("string array runs past the end of the file")
-            (n,) = unpack("<Q", buf, pos)
-            pos += 8
-            if n > size - pos:
-                cur.pos = pos - 8
-                cur.fail(f"string of length {n} in array runs past the end of the file")
-            out.append(bytes(buf[pos : pos + n]).decode("utf-8", errors="replace"))
-            pos += n
-        cur.pos = pos
-        return out, elem
+        return _read_strings(cur, count, key == "tokenizer.ggml.tokens"), elem
     nbytes = count * _SCALARS[elem][2]
     arr = np.frombuffer(cur.take(nbytes, "array data"), dtype=_NUMPY[elem])
     if elem == 7:
         arr = arr.astype(bool)
     return arr.tolist(), elem
+
+
+def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
+    """An array of strings. For the vocabulary, also refuse duplicates the way llama.cpp sees
+    them (as C strings, an empty token renamed "[EMPTY_i]"): its vocab loader asserts that every
+    token is distinct and aborts the process otherwise."""
+    raws: list[bytes] = []
+    buf, pos, end = cur.buf, cur.pos, cur.end
+    unpack = struct.unpack_from
+    append = raws.append
+    for i in range(count):
+        if pos + 8 > end:
+            cur.pos = pos
+            cur.need(8, f"string #{i} of the array")
+        (n,) = unpack("<Q", buf, pos)
+        pos += 8
+        if n > end - pos:
+            cur.pos = pos - 8
+            cur.need(n + 8, f"string #{i} of the array")
+        append(buf[pos : pos + n])
+        pos += n
+    if unique and (len(set(raws)) != count or b"" in raws or b"\0" in b"".join(raws)):
+        seen: dict[bytes, int] = {}
+        for i, raw in enumerate(raws):
+            c_str = raw.split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
+            first = seen.setdefault(c_str, i)
+            if first != i:
+                cur.fail(
+                    f"token #{i} {c_str[:40]!r} duplicates token #{first} "
+                    "(llama.cpp would abort loading this vocabulary)",
+                    offset=cur.pos,
+                )
+    cur.pos = pos
+    return [raw.decode("utf-8", errors="replace") for raw in raws]
 
 
 def _check_metadata(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> None:
@@ -425,14 +525,12 @@ def _check_metadata(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> 
         if key not in md:
             cur.field = key
             cur.fail(f"missing {key} (required for architecture {arch!r})")
-        if types[key] not in (2, 4, 10) or not 0 < int(md[key]) < 1 << 24:
-            cur.field = key
-            cur.fail(f"{key} must be a positive unsigned integer, got {md[key]!r}")
-    for key, elem in _TOKENIZER_ARRAYS.items():
+    for key, allowed in _TOKENIZER_ARRAYS.items():
         if key in md:
             cur.field = key
-            if types[key] != T_ARRAY or types.get(key + "[]") != elem:
-                cur.fail(f"must be an array of {_TYPE_NAMES[elem]}")
+            if types[key] != T_ARRAY or types.get(key + "[]") not in allowed:
+                names = " or ".join(_TYPE_NAMES[a] for a in allowed)
+                cur.fail(f"must be an array of {names}, not {_describe(key, types)}")
     tokens = md.get("tokenizer.ggml.tokens")
     if tokens is not None:
         n_tokens = len(tokens)
@@ -449,5 +547,115 @@ def _check_metadata(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> 
                 value = md[key]
                 if value == -1 and types[key] in (5, 11):  # "none", as some converters write
                     continue
-                if isinstance(value, (list, str, float)) or not 0 <= int(value) < n_tokens:
+                if types[key] not in _INT_TYPES or not 0 <= int(value) < n_tokens:
                     cur.fail(f"token id {value!r} is outside the vocabulary of {n_tokens}")
+
+
+def _describe(key: str, types: dict[str, int]) -> str:
+    vtype = types[key]
+    if vtype == T_ARRAY:
+        return f"an array of {_TYPE_NAMES[types[key + '[]']]}"
+    return _TYPE_NAMES[vtype]
+
+
+def _check_hparams(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> None:
+    """Hyperparameters: integers where llama.cpp and our own code expect integers, and the
+    relations that llama.cpp asserts (aborting the process) instead of reporting."""
+    arch = md["general.architecture"]
+
+    def fail(name: str, message: str) -> None:
+        cur.field = f"{arch}.{name}"
+        cur.fail(message)
+
+    values: dict[str, int] = {}  # scalar value, or the largest entry of a per-layer array
+    for name in _INT_HPARAMS:
+        key = f"{arch}.{name}"
+        if key not in md:
+            continue
+        vtype, value = types[key], md[key]
+        if vtype == T_ARRAY and name in _PER_LAYER and types[key + "[]"] in _INT_TYPES:
+            items = value
+        elif vtype in _INT_TYPES:
+            items = [value]
+        else:
+            fail(name, f"must be an unsigned integer, not {_describe(key, types)}")
+        if not items or any(not 0 <= v < 1 << 31 for v in items):
+            fail(name, f"value {str(value)[:60]} is out of range (0..2^31)")
+        values[name] = max(items)
+
+    n_layer = values["block_count"]
+    if not 1 <= n_layer <= MAX_LAYERS:
+        fail("block_count", f"block_count {n_layer} not in 1..{MAX_LAYERS}")
+    if values.get("embedding_length", 0) == 0:
+        fail("embedding_length", "embedding_length must be positive")
+    for name in _PER_LAYER:
+        key = f"{arch}.{name}"
+        if types.get(key) == T_ARRAY and len(md[key]) != n_layer:
+            fail(name, f"has {len(md[key])} entries for {n_layer} layers")
+    if values.get("nextn_predict_layers", 0) > n_layer:
+        fail("nextn_predict_layers", "more prediction layers than layers")
+
+    # Experts, as llama.cpp's load_hparams asserts them.
+    n_expert = values.get("expert_count", 0)
+    used = values.get("expert_used_count", 0)
+    groups = values.get("expert_group_count", 0)
+    group_used = values.get("expert_group_used_count", 0)
+    if n_expert > MAX_EXPERTS:
+        fail("expert_count", f"expert_count {n_expert} exceeds {MAX_EXPERTS}")
+    if used > n_expert:
+        fail("expert_used_count", f"uses {used} experts of {n_expert}")
+    if n_expert > 0:
+        if used == 0:
+            fail("expert_used_count", f"{n_expert} experts but none used")
+        if groups >= n_expert:
+            fail("expert_group_count", f"{groups} expert groups for {n_expert} experts")
+        if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
+            fail("expert_group_count", f"inconsistent expert groups ({groups}, {group_used})")
+    elif groups:
+        fail("expert_group_count", "expert groups without experts")
+
+    # Rope: the scaling type must be one llama.cpp knows, and ggml's rope needs an even number
+    # of rotated dimensions, at most the head size.
+    key = f"{arch}.rope.scaling.type"
+    if key in md:
+        if types[key] != T_STRING or md[key] not in _ROPE_SCALING_TYPES:
+            fail("rope.scaling.type", f"unknown rope scaling type {str(md[key])[:40]!r}")
+    n_rot = values.get("rope.dimension_count")
+    n_head = md.get(f"{arch}.attention.head_count")
+    head_dim = values.get("attention.key_length")
+    if head_dim is None and isinstance(n_head, int) and n_head > 0:
+        head_dim = values["embedding_length"] // n_head
+    if n_rot is not None and (n_rot % 2 or (head_dim is not None and n_rot > head_dim)):
+        fail("rope.dimension_count", f"{n_rot} rotary dimensions for heads of {head_dim}")
+
+
+def _check_layout(
+    cur: _Cursor, tensors: list[TensorInfo], alignment: int, data_offset: int
+) -> None:
+    """Tensor data as llama.cpp requires it: in header order, each tensor starting where the
+    previous one ends (padded to the alignment), and inside the file."""
+    expected = 0
+    prev: TensorInfo | None = None
+    for t in tensors:
+        cur.field = f"tensor {t.name!r}"
+        if t.offset != expected:
+            if t.offset < expected and prev is not None:
+                problem = f"overlaps tensor {prev.name!r}"
+            elif t.offset < expected:
+                problem = "starts before the data section"
+            else:
+                problem = f"leaves a gap of {t.offset - expected} bytes after the previous tensor"
+            cur.fail(
+                f"data offset {t.offset} {problem} (expected {expected}: tensors must be "
+                "stored in header order, back to back)",
+                offset=data_offset + t.offset if t.offset < cur.size else None,
+            )
+        end = data_offset + t.offset + t.n_bytes
+        if end > cur.size:
+            cur.fail(
+                f"{t.n_bytes} bytes at data offset {t.offset} run past the end of the file "
+                f"({max(cur.size - data_offset, 0)} data bytes; truncated?)",
+                offset=min(data_offset + t.offset, cur.size),
+            )
+        expected = -(-(t.offset + t.n_bytes) // alignment) * alignment
+        prev = t

@@ -1,0 +1,766 @@
+"""Builds the GGUF test corpus: a tiny valid llama model, hand-made corrupt files, fuzz mutations.
+
+    from gguf_corpus import build_tiny_llama, header_cases, model_cases, Mutator
+    valid = build_tiny_llama(tmp_path / "tiny.gguf")       # gguf-py's GGUFWriter; llama.cpp loads it
+    for case in header_cases(valid.read_bytes()): ...      # one file per corrupt-file class
+
+Everything here is independent of `ondevice.gguf_check` (the code under test): a small trusting
+parser (`Layout`) finds where every field of a *valid* file lies, and the corrupt files are that
+file with one field changed, so each corrupt file is paired with the valid file it came from.
+The classes follow llama.cpp's tests/test-gguf.cpp, plus the model-level ones (tokenizer and
+hyperparameters) that pass a GGUF parser but used to abort llama.cpp.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFWriter
+from gguf.constants import GGMLQuantizationType as Q
+from gguf.constants import GGUFValueType as V
+
+# Value types: id -> struct format of a scalar (strings and arrays are variable).
+SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B"}
+SCALAR_FMT.update({10: "<Q", 11: "<q", 12: "<d"})
+T_STRING, T_ARRAY = 8, 9
+
+# --- the tiny valid model -------------------------------------------------------------------
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+WORDS = ["the", "capital", "of", "France", "is", "Paris", "hello", "world", "and", "model"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE tokens are written in it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def tiny_vocab() -> tuple[list[str], list[str], list[int]]:
+    """A byte-level BPE vocabulary: 256 byte tokens, merges spelling a few words, 3 specials."""
+    b2u = _bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    merges: list[str] = []
+    seen = set(tokens)
+    for word in WORDS:
+        for spelled in (word, "Ġ" + word):
+            current = spelled[0]
+            for ch in spelled[1:]:
+                merged = current + ch
+                if merged not in seen:
+                    merges.append(f"{current} {ch}")
+                    tokens.append(merged)
+                    seen.add(merged)
+                current = merged
+    types = [1] * len(tokens)  # normal
+    tokens += SPECIALS
+    types += [3] * len(SPECIALS)  # control
+    return tokens, merges, types
+
+
+@dataclass
+class TinySpec:
+    """What build_tiny_llama writes; model_cases() edits a copy to make semantic corruptions."""
+
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_layer: int = 2
+    n_ff: int = 128
+    n_ctx: int = 256
+    seed: int = 0
+    # key -> (value, value type, array element type); None removes a key the builder writes.
+    kv: dict[str, tuple[Any, V, V | None] | None] = field(default_factory=dict)
+    # tensor name -> shape override (ggml order reversed, i.e. numpy order) or None to drop.
+    tensors: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+    extra_tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tokens: list[str] | None = None
+
+
+def tiny_tensors(spec: TinySpec, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Q]]:
+    """Tensor name -> (numpy shape, ggml type) of a llama model of the spec's size."""
+    e, ff = spec.n_embd, spec.n_ff
+    kv = e // spec.n_head * spec.n_head_kv
+    out: dict[str, tuple[tuple[int, ...], Q]] = {
+        "token_embd.weight": ((n_vocab, e), Q.F16),
+        "output_norm.weight": ((e,), Q.F32),
+        "output.weight": ((n_vocab, e), Q.Q8_0),
+    }
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        out[p + "attn_norm.weight"] = ((e,), Q.F32)
+        out[p + "attn_q.weight"] = ((e, e), Q.Q8_0)
+        out[p + "attn_k.weight"] = ((kv, e), Q.Q8_0)
+        out[p + "attn_v.weight"] = ((kv, e), Q.F16)
+        out[p + "attn_output.weight"] = ((e, e), Q.Q8_0)
+        out[p + "ffn_norm.weight"] = ((e,), Q.F32)
+        out[p + "ffn_gate.weight"] = ((ff, e), Q.F16)
+        out[p + "ffn_up.weight"] = ((ff, e), Q.F16)
+        out[p + "ffn_down.weight"] = ((e, ff), Q.F16)
+    return out
+
+
+def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny random llama model (2 layers, hidden 64, ~300 tokens, F32/F16/Q8_0 tensors)
+    with gguf-py's GGUFWriter; llama.cpp loads it and generates (random) text in milliseconds."""
+    spec = spec or TinySpec()
+    path = Path(path)
+    tokens, merges, types = tiny_vocab()
+    if spec.tokens is not None:
+        tokens = spec.tokens
+        types = (types + [1] * len(tokens))[: len(tokens)]
+    n_vocab = len(tokens)
+    eos = tokens.index("<|endoftext|>") if "<|endoftext|>" in tokens else 0
+    kv: dict[str, tuple[Any, V, V | None]] = {
+        "general.name": ("tiny-llama", V.STRING, None),
+        "llama.context_length": (spec.n_ctx, V.UINT32, None),
+        "llama.embedding_length": (spec.n_embd, V.UINT32, None),
+        "llama.block_count": (spec.n_layer, V.UINT32, None),
+        "llama.feed_forward_length": (spec.n_ff, V.UINT32, None),
+        "llama.attention.head_count": (spec.n_head, V.UINT32, None),
+        "llama.attention.head_count_kv": (spec.n_head_kv, V.UINT32, None),
+        "llama.rope.dimension_count": (spec.n_embd // spec.n_head, V.UINT32, None),
+        "llama.rope.freq_base": (10000.0, V.FLOAT32, None),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32, None),
+        "llama.vocab_size": (n_vocab, V.UINT32, None),
+        "general.file_type": (7, V.UINT32, None),  # mostly Q8_0
+        "tokenizer.ggml.model": ("gpt2", V.STRING, None),
+        "tokenizer.ggml.pre": ("gpt-2", V.STRING, None),
+        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
+        "tokenizer.ggml.bos_token_id": (eos, V.UINT32, None),
+        "tokenizer.ggml.eos_token_id": (eos, V.UINT32, None),
+        "tokenizer.ggml.add_bos_token": (False, V.BOOL, None),
+        "tokenizer.chat_template": (CHATML, V.STRING, None),
+        "general.quantization_version": (2, V.UINT32, None),
+    }
+    for key, value in spec.kv.items():
+        if value is None:
+            kv.pop(key, None)
+        else:
+            kv[key] = value
+    w = GGUFWriter(path, "llama")
+    for key, (value, vtype, sub) in kv.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    rng = np.random.default_rng(spec.seed)
+    shapes = tiny_tensors(spec, n_vocab)
+    for name, override in spec.tensors.items():
+        if override is None:
+            shapes.pop(name, None)
+        else:
+            shapes[name] = (override, shapes.get(name, (override, Q.F32))[1])
+    for name, shape in spec.extra_tensors.items():
+        shapes[name] = (shape, Q.F32)
+    for name, (shape, qtype) in shapes.items():
+        if name.endswith("norm.weight"):
+            data = np.ones(shape, dtype=np.float32)
+        else:
+            data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if qtype == Q.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        elif qtype == Q.Q8_0:
+            from gguf.quants import quantize
+
+            w.add_tensor(name, quantize(data, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# --- a trusting layout parser for valid files -------------------------------------------------
+
+
+@dataclass
+class KV:
+    key: bytes
+    vtype: int
+    raw: bytes  # the encoded value (after the type field)
+    at: int  # offset of the key length field
+    type_at: int
+    value_at: int
+    sub: int | None = None  # array element type
+    count: int | None = None
+
+
+@dataclass
+class TI:
+    name: bytes
+    dims: list[int]
+    ttype: int
+    offset: int
+    at: int  # offset of the name length field
+
+
+@dataclass
+class Field:
+    """One numeric field of a file, for targeted mutation."""
+
+    offset: int
+    size: int  # 4 or 8 (u32/u64 fields), or 1/2 for small scalars
+    kind: str  # e.g. "key length", "value type", "array length", "dim", "tensor type"
+    label: str
+    signed: bool = False
+    is_float: bool = False
+
+
+@dataclass
+class Layout:
+    """Where everything in a valid GGUF file lies (parsed without checks: valid input only)."""
+
+    data: bytes
+    version: int
+    kvs: list[KV]
+    tensors: list[TI]
+    alignment: int
+    infos_end: int  # offset just past the last tensor info
+    data_start: int
+    fields: list[Field]
+
+    @classmethod
+    def parse(cls, data: bytes) -> Layout:
+        fields: list[Field] = []
+        pos = 0
+
+        def num(fmt: str, kind: str, label: str, record: bool = True) -> int:
+            nonlocal pos
+            size = struct.calcsize(fmt)
+            (value,) = struct.unpack_from(fmt, data, pos)
+            if record:
+                fields.append(
+                    Field(
+                        pos, size, kind, label, signed=fmt[-1].islower(), is_float=fmt[-1] in "fd"
+                    )
+                )
+            pos += size
+            return value
+
+        def string(kind: str, label: str) -> bytes:
+            nonlocal pos
+            n = num("<Q", kind, label)
+            out = data[pos : pos + n]
+            pos += n
+            return out
+
+        assert data[:4] == b"GGUF", "Layout parses valid files only"
+        pos = 4
+        version = num("<I", "version", "version")
+        n_tensors = num("<Q", "tensor count", "tensor count")
+        n_kv = num("<Q", "kv count", "kv count")
+        kvs: list[KV] = []
+        alignment = 32
+        for i in range(n_kv):
+            at = pos
+            key = string("key length", f"key #{i}")
+            label = key.decode(errors="replace")
+            type_at = pos
+            vtype = num("<I", "value type", label)
+            value_at = pos
+            sub = count = None
+            if vtype == T_STRING:
+                string("string length", label)
+            elif vtype == T_ARRAY:
+                sub = num("<I", "array type", label)
+                count = num("<Q", "array length", label)
+                if sub == T_STRING:
+                    for j in range(count):
+                        # Only the first few element lengths: enough targets, fewer fields.
+                        n = num("<Q", "element length", f"{label}[{j}]", record=j < 64)
+                        pos += n
+                else:
+                    pos += count * struct.calcsize(SCALAR_FMT[sub])
+            else:
+                value = num(SCALAR_FMT[vtype], "scalar", label)
+                if label == "general.alignment":
+                    alignment = value
+            kvs.append(KV(key, vtype, data[value_at:pos], at, type_at, value_at, sub, count))
+        tensors: list[TI] = []
+        for i in range(n_tensors):
+            at = pos
+            name = string("name length", f"tensor #{i}")
+            label = name.decode(errors="replace")
+            n_dims = num("<I", "dim count", label)
+            dims = [num("<Q", "dim", f"{label} dim {d}") for d in range(n_dims)]
+            ttype = num("<I", "tensor type", label)
+            offset = num("<Q", "tensor offset", label)
+            tensors.append(TI(name, dims, ttype, offset, at))
+        infos_end = pos
+        data_start = -(-pos // alignment) * alignment
+        return cls(data, version, kvs, tensors, alignment, infos_end, data_start, fields)
+
+    def kv(self, key: str) -> KV:
+        for item in self.kvs:
+            if item.key == key.encode():
+                return item
+        raise KeyError(key)
+
+    def tensor(self, name: str) -> TI:
+        for item in self.tensors:
+            if item.name == name.encode():
+                return item
+        raise KeyError(name)
+
+    def serialize(
+        self,
+        kvs: list[KV] | None = None,
+        tensors: list[TI] | None = None,
+        *,
+        n_kv: int | None = None,
+        n_tensors: int | None = None,
+        alignment: int | None = None,
+        blob: bytes | None = None,
+    ) -> bytes:
+        """Re-assemble a file from (possibly edited) parts; the data blob is copied as is."""
+        kvs = self.kvs if kvs is None else kvs
+        tensors = self.tensors if tensors is None else tensors
+        out = bytearray(b"GGUF")
+        out += struct.pack(
+            "<IQQ",
+            self.version,
+            len(tensors) if n_tensors is None else n_tensors,
+            len(kvs) if n_kv is None else n_kv,
+        )
+        for kv in kvs:
+            out += struct.pack("<Q", len(kv.key)) + kv.key + struct.pack("<I", kv.vtype) + kv.raw
+        for t in tensors:
+            out += struct.pack("<Q", len(t.name)) + t.name + struct.pack("<I", len(t.dims))
+            out += struct.pack(f"<{len(t.dims)}Q", *t.dims) + struct.pack("<IQ", t.ttype, t.offset)
+        align = alignment or self.alignment
+        out += b"\0" * (-len(out) % align)
+        out += self.data[self.data_start :] if blob is None else blob
+        return bytes(out)
+
+
+def encode(vtype: int, value: Any, sub: int | None = None) -> bytes:
+    """The encoded bytes of a value of type `vtype` (for KV.raw)."""
+    if vtype in SCALAR_FMT:
+        return struct.pack(SCALAR_FMT[vtype], value)
+    if vtype == T_STRING:
+        raw = value if isinstance(value, bytes) else value.encode()
+        return struct.pack("<Q", len(raw)) + raw
+    assert sub is not None
+    return struct.pack("<IQ", sub, len(value)) + b"".join(encode(sub, v) for v in value)
+
+
+def patch(data: bytes, offset: int, fmt: str, value: Any) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+# --- hand-made corrupt files --------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One corrupt file: its class (llama.cpp's test-gguf.cpp name where there is one), the
+    bytes, and a word the error's field or message must contain."""
+
+    name: str
+    data: bytes
+    expect: str
+
+
+def header_cases(valid: bytes) -> list[Case]:
+    """Corrupt variants of the valid file `valid` (tiny llama or the demo model), one per class.
+
+    Each must be refused by the header check; none may reach llama.cpp.
+    """
+    lay = Layout.parse(valid)
+    size = len(valid)
+    cases: list[Case] = []
+
+    def add(name: str, data: bytes, expect: str) -> None:
+        cases.append(Case(name, data, expect))
+
+    def with_kv(key: str, vtype: int, raw: bytes) -> bytes:
+        kvs = [replace(k, vtype=vtype, raw=raw) if k.key == key.encode() else k for k in lay.kvs]
+        return lay.serialize(kvs)
+
+    def with_tensor(i: int, **changes: Any) -> bytes:
+        ts = [replace(t, **changes) if j == i else t for j, t in enumerate(lay.tensors)]
+        return lay.serialize(tensors=ts)
+
+    tok = lay.kv("tokenizer.ggml.tokens")
+    n_tok = tok.count or 0
+    first = lay.tensors[0]
+    second = lay.tensors[1]
+    # header (test-gguf.cpp: HEADER_*)
+    add("HEADER_BAD_MAGIC", b"FUGG" + valid[4:], "magic")
+    add("HEADER_BAD_VERSION_0", patch(valid, 4, "<I", 0), "version")
+    add("HEADER_BAD_VERSION_1", patch(valid, 4, "<I", 1), "version")
+    add("HEADER_BAD_VERSION_FUTURE", patch(valid, 4, "<I", 4), "version")
+    add("HEADER_BAD_VERSION_ENDIAN", patch(valid, 4, "<I", 3 << 24), "version")
+    add("HEADER_BAD_N_TENSORS", patch(valid, 8, "<Q", 2**64 - 1), "tensor_count")
+    add("HEADER_BAD_N_KV", patch(valid, 16, "<Q", 2**64 - 1), "kv_count")
+    add("HEADER_N_KV_PLUS_ONE", patch(valid, 16, "<Q", len(lay.kvs) + 1), "")
+    add("HEADER_N_TENSORS_PLUS_ONE", patch(valid, 8, "<Q", len(lay.tensors) + 1), "")
+    add("HEADER_EMPTY", b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + b"\0" * 8, "architecture")
+    add("HEADER_NO_TENSORS", lay.serialize(tensors=[], blob=b""), "tensor")
+    # key/value pairs (KV_*)
+    name_kv = lay.kv("general.name")
+    add("KV_BAD_KEY_SIZE", patch(valid, name_kv.at, "<Q", 2**64 - 1), "key")
+    add("KV_KEY_SIZE_PAST_END", patch(valid, name_kv.at, "<Q", size), "key")
+    add(
+        "KV_EMPTY_KEY",
+        lay.serialize([replace(k, key=b"") if k is name_kv else k for k in lay.kvs]),
+        "key",
+    )
+    add("KV_BAD_TYPE", patch(valid, name_kv.type_at, "<I", 13), "general.name")
+    add("KV_BAD_TYPE_NEGATIVE", patch(valid, name_kv.type_at, "<I", 2**32 - 1), "general.name")
+    add("KV_BAD_STRING_SIZE", patch(valid, name_kv.value_at, "<Q", 2**63), "general.name")
+    add("KV_STRING_PAST_END", patch(valid, name_kv.value_at, "<Q", size), "general.name")
+    add("KV_DUPLICATE_KEY", lay.serialize(lay.kvs + [name_kv]), "duplicate")
+    add("KV_BAD_ARRAY_TYPE", patch(valid, tok.value_at, "<I", 13), "tokenizer.ggml.tokens")
+    add("KV_NESTED_ARRAY", patch(valid, tok.value_at, "<I", T_ARRAY), "tokenizer.ggml.tokens")
+    add("KV_HUGE_ARRAY", patch(valid, tok.value_at + 4, "<Q", 2**62), "tokenizer.ggml.tokens")
+    # gguf-py's reader spends seconds and gigabytes on this one (3 M elements in a small file).
+    add(
+        "KV_ARRAY_3M_ELEMENTS",
+        patch(valid, tok.value_at + 4, "<Q", 3_000_000),
+        "tokenizer.ggml.tokens",
+    )
+    align_kv = KV(b"general.alignment", 4, encode(4, 13), 0, 0, 0)
+    add("KV_BAD_ALIGN", lay.serialize(lay.kvs + [align_kv]), "general.alignment")
+    add(
+        "KV_ALIGN_ZERO",
+        lay.serialize(lay.kvs + [replace(align_kv, raw=encode(4, 0))]),
+        "general.alignment",
+    )
+    add(
+        "KV_WRONG_TYPE_ALIGN",
+        lay.serialize(lay.kvs + [replace(align_kv, vtype=5, raw=encode(5, 32))]),
+        "general.alignment",
+    )
+    add(
+        "KV_ALIGN_U64",
+        lay.serialize(lay.kvs + [replace(align_kv, vtype=10, raw=encode(10, 32))]),
+        "general.alignment",
+    )
+    # tensor infos (TENSORS_*)
+    add("TENSORS_BAD_NAME_SIZE", patch(valid, first.at, "<Q", 2**64 - 1), "tensor")
+    add("TENSORS_NAME_TOO_LONG", with_tensor(0, name=b"t" * 64), "tensor")
+    add("TENSORS_EMPTY_NAME", with_tensor(0, name=b""), "tensor")
+    add("TENSORS_BAD_N_DIMS", with_tensor(0, dims=first.dims + [1, 1, 1]), "dimension count")
+    add("TENSORS_ZERO_N_DIMS", with_tensor(0, dims=[]), "dimension count")
+    add("TENSORS_BAD_SHAPE", with_tensor(0, dims=[2**64 - 1] * len(first.dims)), "")
+    add("TENSORS_ZERO_DIM", with_tensor(0, dims=[first.dims[0], 0]), "dimension")
+    add("TENSORS_NE_TOO_BIG", with_tensor(0, dims=[4 * (2**31 - 1)] * 2), "")
+    add("TENSORS_NBYTES_PAD_WRAP", with_tensor(0, ttype=0, dims=[4, 2**30 - 1, 2**30 + 1]), "")
+    add("TENSORS_NBYTES_TOO_BIG", with_tensor(0, ttype=27, dims=[2**21, 2**21, 2**20]), "")
+    add("TENSORS_BAD_TYPE", with_tensor(0, ttype=43), "tensor type")
+    add("TENSORS_REMOVED_TYPE", with_tensor(0, ttype=4), "tensor type")  # Q4_2, removed
+    add("TENSORS_REPACKED_TYPE", with_tensor(0, ttype=31), "tensor type")  # Q4_0_4_4
+    add("TENSORS_BLOCK_MISMATCH", with_tensor(0, ttype=8, dims=[48] + first.dims[1:]), "block")
+    add("TENSORS_BAD_OFFSET", with_tensor(1, offset=2**64 - 1), "")
+    add("TENSORS_UNALIGNED_OFFSET", with_tensor(1, offset=second.offset + 1), "offset")
+    add("TENSORS_OVERLAPPING", with_tensor(1, offset=first.offset), "")
+    add("TENSORS_OUT_OF_ORDER", lay.serialize(tensors=[second, first] + lay.tensors[2:]), "")
+    add("TENSORS_DUPLICATE_NAME", with_tensor(1, name=first.name), "duplicate")
+    add(
+        "TENSORS_INCONSISTENT_ALIGN",
+        lay.serialize(lay.kvs + [replace(align_kv, raw=encode(4, 4096))]),
+        "offset",
+    )
+    # data (DATA_*)
+    add("DATA_NOT_ENOUGH_DATA", valid[:-1], "")
+    add("DATA_EMPTY", valid[: lay.data_start], "")
+    # tokenizer
+    add(
+        "TOKENS_WRONG_ELEMENT_TYPE",
+        with_kv("tokenizer.ggml.tokens", 9, encode(9, [1] * n_tok, 5)),
+        "tokenizer.ggml.tokens",
+    )
+    add(
+        "TOKENS_EMPTY_ARRAY",
+        with_kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 0)),
+        "tokenizer.ggml.tokens",
+    )
+    add(
+        "TOKEN_TYPE_SHORT",
+        with_kv("tokenizer.ggml.token_type", 9, encode(9, [1] * (n_tok - 1), 5)),
+        "token_type",
+    )
+    add(
+        "TOKEN_TYPE_WRONG_TYPE",
+        with_kv("tokenizer.ggml.token_type", 9, encode(9, [1.0] * n_tok, 6)),
+        "token_type",
+    )
+    add("MERGES_WRONG_TYPE", with_kv("tokenizer.ggml.merges", 9, encode(9, [1, 2], 4)), "merges")
+    add(
+        "BOS_OUT_OF_RANGE",
+        with_kv("tokenizer.ggml.bos_token_id", 4, encode(4, n_tok + 7)),
+        "bos_token_id",
+    )
+    add(
+        "EOS_OUT_OF_RANGE",
+        with_kv("tokenizer.ggml.eos_token_id", 4, encode(4, 2**32 - 1)),
+        "eos_token_id",
+    )
+    add("EOS_WRONG_TYPE", with_kv("tokenizer.ggml.eos_token_id", 8, encode(8, "2")), "eos_token_id")
+    # architecture keys
+    add(
+        "ARCH_MISSING",
+        lay.serialize([k for k in lay.kvs if k.key != b"general.architecture"]),
+        "general.architecture",
+    )
+    add("ARCH_WRONG_TYPE", with_kv("general.architecture", 4, encode(4, 1)), "general.architecture")
+    add(
+        "ARCH_BLOCK_COUNT_MISSING",
+        lay.serialize([k for k in lay.kvs if not k.key.endswith(b".block_count")]),
+        "block_count",
+    )
+    add(
+        "ARCH_CONTEXT_LENGTH_STRING",
+        with_kv(_arch_key(lay, "context_length"), 8, encode(8, "4096")),
+        "context_length",
+    )
+    # truncation at a dozen points: inside each part of the header and of the data
+    points = {
+        "magic": 2,
+        "version": 6,
+        "tensor_count": 12,
+        "kv_count": 20,
+        "key": name_kv.at + 10,
+        "value_type": name_kv.type_at + 2,
+        "string_value": name_kv.value_at + 9,
+        "token_array": tok.value_at + 12 + 100,
+        "tensor_name": first.at + 9,
+        "tensor_dims": first.at + 8 + len(first.name) + 4 + 3,
+        "tensor_offset": lay.infos_end - 3,
+        "padding": lay.infos_end + (1 if lay.data_start > lay.infos_end else 0),
+        "first_tensor_data": lay.data_start + 5,
+        "last_byte": size - 1,
+    }
+    for where, cut in points.items():
+        add(f"TRUNCATED_IN_{where.upper()}", valid[:cut], "")
+    return cases
+
+
+def _arch_key(lay: Layout, name: str) -> str:
+    arch = lay.kv("general.architecture").raw[8:].decode()
+    return f"{arch}.{name}"
+
+
+# --- model-level corruptions: a well-formed GGUF that is a broken model --------------------------
+
+
+@dataclass
+class ModelCase:
+    """A semantically broken tiny llama. `refused_by` is where it must be stopped: "header"
+    (read_header refuses it) or "llama" (llama.cpp returns an error). `raw` is what raw llama.cpp
+    does with it when nothing checks it first: "abort" (kills the process), "error" or "load"."""
+
+    name: str
+    spec: TinySpec
+    refused_by: str
+    raw: str
+    expect: str = ""
+
+
+def model_cases() -> list[ModelCase]:
+    tokens, _, _ = tiny_vocab()
+    dup_tokens = tokens[:]
+    dup_tokens[300] = dup_tokens[299]
+    nul_tokens = tokens[:]
+    # llama.cpp reads tokens as C strings: these two differ only after a NUL, so it sees them
+    # as duplicates.
+    nul_tokens[300], nul_tokens[301] = "ab\0x", "ab\0y"
+
+    def kv(key: str, value: Any, vtype: V = V.UINT32) -> TinySpec:
+        return TinySpec(kv={key: (value, vtype, None)})
+
+    s = TinySpec
+    table = [
+        # name, spec, refused_by, raw llama.cpp, word in our error
+        ("MISSING_TENSOR", s(tensors={"blk.1.ffn_up.weight": None}), "llama", "error", ""),
+        ("WRONG_SHAPE", s(tensors={"blk.0.attn_k.weight": (64, 64)}), "llama", "error", ""),
+        ("EXTRA_TENSOR", s(extra_tensors={"blk.0.bogus.weight": (64,)}), "llama", "error", ""),
+        ("UNKNOWN_TOKENIZER", kv("tokenizer.ggml.model", "bogus", V.STRING), "llama", "error", ""),
+        ("MISSING_MERGES", s(kv={"tokenizer.ggml.merges": None}), "llama", "error", ""),
+        ("HEAD_COUNT_ZERO", kv("llama.attention.head_count", 0), "llama", "error", ""),
+        ("HEAD_COUNT_KV_ZERO", kv("llama.attention.head_count_kv", 0), "llama", "error", ""),
+        (
+            "UNKNOWN_ARCH",
+            kv("general.architecture", "llamaX", V.STRING),
+            "header",
+            "error",
+            "block_count",
+        ),
+        (
+            "HEADS_NOT_DIVIDING",
+            kv("llama.attention.head_count", 5),
+            "header",
+            "error",
+            "dimension_count",
+        ),
+        (
+            "BOS_OUT_OF_RANGE",
+            kv("tokenizer.ggml.bos_token_id", 10**6),
+            "header",
+            "load",
+            "bos_token_id",
+        ),
+        ("DUPLICATE_TOKEN", s(tokens=dup_tokens), "header", "abort", "duplicate"),
+        ("DUPLICATE_TOKEN_AFTER_NUL", s(tokens=nul_tokens), "header", "abort", "duplicate"),
+        (
+            "ROPE_SCALING_UNKNOWN",
+            kv("llama.rope.scaling.type", "bogus", V.STRING),
+            "header",
+            "abort",
+            "rope.scaling.type",
+        ),
+        ("TOO_MANY_LAYERS", kv("llama.block_count", 513), "header", "abort", "block_count"),
+        (
+            "EXPERTS_USED_WITHOUT_EXPERTS",
+            kv("llama.expert_used_count", 2),
+            "header",
+            "abort",
+            "expert",
+        ),
+    ]
+    return [ModelCase(*row) for row in table]
+
+
+# --- fuzzing ---------------------------------------------------------------------------------------
+
+
+class Mutator:
+    """Seeded random mutations of a valid file's header region, all the same length as the
+    original (so a large model can be patched in place and restored), plus truncations.
+
+    Strategies: set a numeric field (counts, lengths, types, dims, offsets, scalar values) to an
+    interesting value; flip bits or overwrite bytes anywhere in the header; shorten the file.
+    """
+
+    def __init__(self, valid: bytes) -> None:
+        self.lay = Layout.parse(valid)
+        self.size = len(valid)
+        self.header_end = self.lay.data_start
+        self.by_kind: dict[str, list[Field]] = {}
+        for f in self.lay.fields:
+            self.by_kind.setdefault(f.kind, []).append(f)
+        self.kinds = sorted(self.by_kind)
+
+    def interesting(self, rng: random.Random, f: Field, current: int | float) -> int | float:
+        bits = 8 * f.size
+        if f.is_float:
+            return rng.choice([0.0, -1.0, 1e30, float("inf"), float("nan"), -current, current * 7])
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if f.signed else (0, (1 << bits) - 1)
+        choices = [
+            0,
+            1,
+            2,
+            3,
+            4,
+            5,
+            7,
+            8,
+            9,
+            13,
+            16,
+            31,
+            32,
+            63,
+            64,
+            255,
+            256,
+            512,
+            513,
+            1 << 16,
+            self.size,
+            self.size - 1,
+            self.size + 1,
+            hi,
+            hi - 1,
+            lo,
+            -1,
+            current + 1,
+            current - 1,
+            current * 2,
+            current // 2,
+            current ^ (1 << rng.randrange(bits)),
+            rng.randrange(1 << bits),
+        ]
+        return int(rng.choice(choices))  # the caller wraps it into the field's range
+
+    def mutate(self, rng: random.Random) -> tuple[list[tuple[int, bytes]], int, str]:
+        """Return (patches [(offset, new bytes)], new file length, description)."""
+        roll = rng.random()
+        if roll < 0.55:
+            kind = rng.choice(self.kinds)
+            f = rng.choice(self.by_kind[kind])
+            fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[f.size]
+            if f.is_float:
+                fmt = "f" if f.size == 4 else "d"
+            elif f.signed:
+                fmt = fmt.lower()
+            current = struct.unpack_from("<" + fmt, self.lay.data, f.offset)[0]
+            value = self.interesting(rng, f, current)
+            if not f.is_float:
+                bits = 8 * f.size
+                value = int(value) % (1 << bits)
+                if f.signed and value >= 1 << (bits - 1):
+                    value -= 1 << bits
+            raw = struct.pack("<" + fmt, value)
+            return [(f.offset, raw)], self.size, f"{kind} {f.label!r} @{f.offset} := {value!r}"
+        if roll < 0.85:
+            n = rng.choice([1, 1, 1, 2, 4, 8])
+            patches = []
+            for _ in range(n):
+                at = rng.randrange(self.header_end)
+                old = self.lay.data[at]
+                new = old ^ (1 << rng.randrange(8)) if rng.random() < 0.5 else rng.randrange(256)
+                patches.append((at, bytes([new])))
+            where = ", ".join(f"@{a}" for a, _ in patches)
+            return patches, self.size, f"{n} byte(s) changed at {where}"
+        if roll < 0.95:
+            # Overwrite a run with a repeated byte (zeros, 0xff, spaces, NULs in strings).
+            at = rng.randrange(self.header_end)
+            n = rng.choice([2, 4, 8, 16, 64])
+            byte = rng.choice([0x00, 0xFF, 0x20, 0x41, 0x80])
+            n = min(n, self.header_end - at)
+            return [(at, bytes([byte]) * n)], self.size, f"{n} bytes := {byte:#x} at @{at}"
+        cut = rng.choice(
+            [rng.randrange(self.header_end), rng.randrange(self.header_end, self.size)]
+        )
+        return [], cut, f"truncated to {cut} bytes"
+
+
+def apply(data: bytes, patches: list[tuple[int, bytes]], length: int) -> bytes:
+    out = bytearray(data[:length])
+    for at, raw in patches:
+        if at < length:
+            out[at : at + len(raw)] = raw[: max(0, length - at)]
+    return bytes(out[:length])
+
+
+def write_cases(directory: Path, cases: list[Case]) -> list[tuple[Case, Path]]:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for case in cases:
+        p = directory / f"{case.name.lower()}.gguf"
+        p.write_bytes(case.data)
+        out.append((case, p))
+    return out
