@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "pull": "ondevice.cli.pull:pull",
     "list": "ondevice.cli.list:list_models",
     "rm": "ondevice.cli.rm:rm",
+    "chat": "ondevice.cli.chat:chat",
 }
 
 
