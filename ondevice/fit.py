@@ -215,19 +215,25 @@ def kv_type_problem(header: GGUFHeader, kv_type: str) -> str | None:
 
 
 def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16") -> int:
-    """Bytes of the KV cache for n_ctx tokens: layers × n_ctx × (K + V row bytes)."""
+    """Bytes of the KV cache for n_ctx tokens: layers × cells × (K + V row bytes), where
+    llama.cpp rounds the context up to a multiple of 256 cells."""
     d = _dims(header)
+    n_ctx = padded_ctx(n_ctx)
     block, size = KV_TYPE_SIZES[kv_type]
     row_k = d["k_len"] * d["n_head_kv"] // block * size
     row_v = d["v_len"] * d["n_head_kv"] // block * size
     return n_ctx * d["n_layer"] * (row_k + row_v)
 
 
+def padded_ctx(n_ctx: int) -> int:
+    """The context llama.cpp really allocates: n_ctx rounded up to 256 cells."""
+    return -(-n_ctx // 256) * 256
+
+
 def _mask_bytes(n_ctx: int, n_tokens: int, flash_attn: bool) -> int:
-    # The KQ mask input: n_kv × n_tokens, f16 for flash attention, f32 otherwise; n_kv is the
-    # context padded to 256 cells.
-    n_kv = -(-n_ctx // 256) * 256
-    return n_kv * n_tokens * (2 if flash_attn else 4)
+    # The KQ mask input: n_kv × n_tokens, f16 for flash attention, f32 otherwise; n_kv is at
+    # most the padded context.
+    return padded_ctx(n_ctx) * n_tokens * (2 if flash_attn else 4)
 
 
 def compute_resident_bytes(
@@ -244,8 +250,7 @@ def compute_resident_bytes(
     acts = t * 4 * (ACT_EMBD_FLOATS * d["n_embd"] + ACT_FF_FLOATS * d["n_ff"])
     out = acts + _mask_bytes(n_ctx, t, flash_attn) + 4 * d["n_vocab"]
     if not flash_attn:
-        n_kv = -(-n_ctx // 256) * 256
-        out += 2 * n_kv * t * d["n_head"] * 4  # scores, then softmax
+        out += 2 * padded_ctx(n_ctx) * t * d["n_head"] * 4  # scores, then softmax
     return int(out)
 
 
