@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ondevice.gguf_check import GGUFHeader
@@ -358,6 +359,64 @@ def repack_default() -> bool:
     from ondevice import engine
 
     return not engine.amx_compiled() or os.environ.get("ONDEVICE_ALLOW_AMX") == "1"
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could give us now without swapping (free + reclaimable cache)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(
+    header: GGUFHeader,
+    n_ctx: int,
+    kv_type: str = "f16",
+    n_ubatch: int = 512,
+    *,
+    use_mmap: bool = True,
+    flash_attn: bool = True,
+    available: int | None = None,
+) -> Prediction:
+    """What `load()` asks before llama.cpp allocates anything: raise DoesNotFit when the
+    predicted peak would not fit the available memory (the OS would swap or kill us)."""
+    from ondevice.errors import DoesNotFit
+
+    repack = repack_default()
+    pred = predict(
+        header, n_ctx, kv_type, n_ubatch, use_mmap=use_mmap, repack=repack, flash_attn=flash_attn
+    )
+    avail = available_memory_bytes() if available is None else available
+    # The running interpreter is already resident: only the rest has to come out of `avail`.
+    need = pred.predicted_peak_bytes - RUNTIME_BASE_BYTES
+    if need <= avail:
+        return pred
+    best = max_context(
+        header,
+        avail + RUNTIME_BASE_BYTES,
+        kv_type,
+        n_ubatch=n_ubatch,
+        use_mmap=use_mmap,
+        repack=repack,
+        flash_attn=flash_attn,
+    )
+    gib = 1024**3
+    terms = (
+        f"weights {pred.weights_bytes / gib:.2f} + KV {pred.kv_bytes / gib:.2f} + compute "
+        f"{pred.compute_bytes / gib:.2f} + overhead {pred.overhead_bytes / gib:.2f}"
+        + (f" + repacked {pred.repack_bytes / gib:.2f}" if pred.repack_bytes else "")
+    )
+    options = []
+    if best:
+        options.append(f"n_ctx={best} (--ctx {best}) fits")
+    if kv_type in ("f16", "bf16", "f32") and kv_type_problem(header, "q8_0") is None:
+        options.append("kv_type='q8_0' halves the KV cache")
+    options.append("a smaller quantization, or force=True (--force) to load anyway")
+    raise DoesNotFit(
+        f"{Path(header.path).name} needs about {pred.predicted_peak_bytes / gib:.2f} GiB at "
+        f"n_ctx {n_ctx} ({terms} GiB) but only {avail / gib:.2f} GiB of memory is available",
+        hint="; ".join(options),
+    )
 
 
 # --- what would fit -------------------------------------------------------------------------

@@ -483,6 +483,7 @@ def load(
     kv_type: str = "f16",
     on_progress: Callable[[float], Any] | None = None,
     no_fallback: bool = False,
+    force: bool = False,
 ) -> Model:
     """Load a model: a path to a .gguf file, `demo`, or a name from the local store.
 
@@ -500,6 +501,8 @@ def load(
     on_progress  called with a fraction 0..1 while the weights load (from this thread).
     no_fallback  when the GPU has no usable device or loading on it fails, raise instead of
                  running on the CPU (the fallback is noted in Model.notes and Stats.notes).
+    force        load even when ondevice.fit predicts the model will not fit the available
+                 memory (otherwise DoesNotFit is raised before llama.cpp allocates anything).
 
     The file is validated before llama.cpp sees it: a malformed file raises InvalidModelFile
     instead of crashing the process.
@@ -530,6 +533,17 @@ def load(
     attention = backends.attention_settings(
         header.architecture, placement, flash_attn, kv_type, backends.head_dims(header)
     )
+    if not force and placement.n_gpu_layers == 0:
+        from ondevice import fit
+
+        fit.check_fits(
+            header,
+            ctx,
+            kv_type,
+            min(n_ubatch, n_batch),
+            use_mmap=use_mmap,
+            flash_attn=attention.flash_attn != "off",
+        )
     config = engine.EngineConfig(
         n_ctx=ctx,
         n_batch=n_batch,

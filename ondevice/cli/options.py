@@ -17,12 +17,13 @@ LOAD_OPTIONS = (
     "no_mmap",
     "kv_type",
     "no_fallback",
+    "force",
 )
 
 
 def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type,
-    --no-fallback."""
+    --no-fallback, --force."""
     opts = [
         click.option(
             "--ctx",
@@ -70,6 +71,11 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default="f16",
             show_default=True,
             help="KV cache type: f16, bf16, f32, q8_0, q4_0 (where the model allows it).",
+        ),
+        click.option(
+            "--force",
+            is_flag=True,
+            help="Load even if `ondevice fit` predicts the model won't fit the free memory.",
         ),
     ]
     for opt in reversed(opts):
@@ -125,6 +131,7 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "use_mmap": not params.get("no_mmap", False),
         "kv_type": params.get("kv_type", "f16"),
         "no_fallback": params.get("no_fallback", False),
+        "force": bool(params.get("force", False)),
     }
 
 
