@@ -108,8 +108,17 @@ class ChatFormat:
             **self.special_tokens,
         }
         return render_bounded(
-            self.template, context, timeout_s=timeout_s, max_chars=max_chars, name=self.name
+            self.template, context, timeout_s=timeout_s, max_chars=max_chars, name=self.what
         )
+
+    @property
+    def what(self) -> str:
+        """The template as error messages name it."""
+        if self.source == "gguf":
+            return "the model's chat template"
+        if self.source == "built-in":
+            return f"the built-in {self.name} format"
+        return f"the chat template in {self.source}"
 
 
 # --- the built-in formats: one entry per format ------------------------------------------------
@@ -613,7 +622,7 @@ def render_bounded(
     timeout_s: float = RENDER_TIMEOUT_S,
     max_chars: int = RENDER_MAX_CHARS,
     max_rss_growth: int = RENDER_MAX_RSS_GROWTH,
-    name: str = "chat",
+    name: str = "the chat template",
 ) -> str:
     """Render a template in the sandbox, within a time, output-size and memory bound.
 
@@ -654,7 +663,7 @@ def render_bounded(
             _interrupt(worker)
             worker.join(0.5)
             raise ChatFormatError(
-                f"rendering the {name} template {reason}; stopped",
+                f"rendering {name} {reason}; stopped",
                 hint="the template may be malicious or broken: pass --chat-format with a "
                 "built-in format",
             )
@@ -664,18 +673,18 @@ def render_bounded(
         return result["text"]
     if isinstance(err, SecurityError):
         raise ChatFormatError(
-            f"the {name} template tried something unsafe and was stopped: {err}",
+            f"{name} tried something unsafe and was stopped: {err}",
             hint="the file may be malicious: pass --chat-format with a built-in format",
         ) from None
     if isinstance(err, _TemplateRaised):
-        raise ChatFormatError(f"the {name} template refused the conversation: {err}") from None
+        raise ChatFormatError(f"{name} refused the conversation: {err}") from None
     if isinstance(err, TemplateError):
-        raise ChatFormatError(f"the {name} template failed: {err}") from None
+        raise ChatFormatError(f"{name} failed: {err}") from None
     if isinstance(err, OndeviceError):
         raise err
     if isinstance(err, Exception):
         raise ChatFormatError(
-            f"the {name} template failed: {type(err).__name__}: {err}",
+            f"{name} failed: {type(err).__name__}: {err}",
             hint="pass --chat-format with a built-in format",
         ) from None
     raise err

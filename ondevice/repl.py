@@ -143,6 +143,7 @@ class Repl:
         self.info = self.stdout if interactive else self.stderr
         self.history_file = history_file
         self._session: Any = None
+        self.failed = False  # piped input: a reply failed, so the exit code says so
         self.commands: dict[str, Callable[[str], None]] = {
             "help": self._cmd_help,
             "reset": self._cmd_reset,
@@ -168,6 +169,7 @@ class Repl:
 
     def _error(self, exc: OndeviceError | str) -> None:
         text = exc.one_line() if isinstance(exc, OndeviceError) else exc
+        self.failed = True
         stream = self.stdout if self.interactive else self.stderr
         stream.write(f"error: {text}\n")
         stream.flush()
@@ -245,14 +247,15 @@ class Repl:
             if text is None:
                 if self.interactive:
                     self.stdout.write("\n")
-                return 0
+                    return 0
+                return 1 if self.failed else 0
             if not text.strip():
                 continue
             if text.startswith("/") and not text.startswith("//"):
                 try:
                     self._command(text)
                 except _Quit:
-                    return 0
+                    return 1 if self.failed and not self.interactive else 0
                 except OndeviceError as exc:
                     self._error(exc)
                 continue
