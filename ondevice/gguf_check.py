@@ -21,6 +21,7 @@ value pairs, the tensor infos (name, dims, type, offset), padding to `general.al
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -236,6 +237,12 @@ class _Cursor:
         self.pos = 0
         self.field = "header"
         self.elements = 0  # array elements read so far (MAX_TOTAL_ELEMENTS)
+        self.key_at: dict[str, int] = {}  # where each key/value pair starts
+
+    def fail_key(self, key: str, message: str) -> None:
+        """Fail on a key/value pair checked after parsing: name the key and where it lies."""
+        self.field = key
+        self.fail(message, offset=self.key_at.get(key, self.pos))
 
     def fail(self, message: str, offset: int | None = None, hint: str | None = None):
         raise InvalidModelFile(
@@ -372,6 +379,7 @@ def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
             cur.fail(f"unknown value type {vtype}", offset=cur.pos - 4)
         value, elem = _read_value(cur, vtype, key)
         metadata[key] = value
+        cur.key_at[key] = key_at
         raw_types[key] = vtype
         value_types[key] = _TYPE_NAMES[vtype] if elem is None else f"array[{_TYPE_NAMES[elem]}]"
         if elem is not None:
@@ -506,49 +514,44 @@ def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
 
 
 def _check_metadata(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> None:
-    cur.field = "metadata"
     for key, expected in _EXPECTED_TYPES.items():
         if key in md and types[key] != expected:
-            cur.field = key
-            cur.fail(f"must be of type {_TYPE_NAMES[expected]}, not {_TYPE_NAMES[types[key]]}")
+            cur.fail_key(
+                key, f"must be of type {_TYPE_NAMES[expected]}, not {_TYPE_NAMES[types[key]]}"
+            )
     if "general.alignment" in md:
         align = md["general.alignment"]
         if align == 0 or align & (align - 1):
-            cur.field = "general.alignment"
-            cur.fail(f"alignment {align} is not a power of two")
+            cur.fail_key("general.alignment", f"alignment {align} is not a power of two")
     arch = md.get("general.architecture")
     if not isinstance(arch, str) or not arch:
-        cur.field = "general.architecture"
-        cur.fail("missing general.architecture")
+        cur.fail_key("general.architecture", "missing general.architecture")
     for name in _REQUIRED_ARCH_KEYS:
         key = f"{arch}.{name}"
         if key not in md:
-            cur.field = key
-            cur.fail(f"missing {key} (required for architecture {arch!r})")
+            cur.fail_key(key, f"missing {key} (required for architecture {arch!r})")
     for key, allowed in _TOKENIZER_ARRAYS.items():
-        if key in md:
-            cur.field = key
-            if types[key] != T_ARRAY or types.get(key + "[]") not in allowed:
-                names = " or ".join(_TYPE_NAMES[a] for a in allowed)
-                cur.fail(f"must be an array of {names}, not {_describe(key, types)}")
+        if key in md and (types[key] != T_ARRAY or types.get(key + "[]") not in allowed):
+            names = " or ".join(_TYPE_NAMES[a] for a in allowed)
+            cur.fail_key(key, f"must be an array of {names}, not {_describe(key, types)}")
     tokens = md.get("tokenizer.ggml.tokens")
     if tokens is not None:
         n_tokens = len(tokens)
         if n_tokens == 0:
-            cur.field = "tokenizer.ggml.tokens"
-            cur.fail("empty vocabulary")
+            cur.fail_key("tokenizer.ggml.tokens", "empty vocabulary")
         for key in _PER_TOKEN:
             if key in md and len(md[key]) != n_tokens:
-                cur.field = key
-                cur.fail(f"has {len(md[key])} entries for {n_tokens} tokens")
+                cur.fail_key(key, f"has {len(md[key])} entries for {n_tokens} tokens")
         for key in _TOKEN_ID_KEYS:
-            if key in md:
-                cur.field = key
-                value = md[key]
-                if value == -1 and types[key] in (5, 11):  # "none", as some converters write
-                    continue
-                if types[key] not in _INT_TYPES or not 0 <= int(value) < n_tokens:
-                    cur.fail(f"token id {value!r} is outside the vocabulary of {n_tokens}")
+            if key not in md:
+                continue
+            value = md[key]
+            if value == -1 and types[key] in (5, 11):  # "none", as some converters write
+                continue
+            if types[key] not in _INT_TYPES:
+                cur.fail_key(key, f"a token id must be an integer, not {_describe(key, types)}")
+            if not 0 <= value < n_tokens:
+                cur.fail_key(key, f"token id {value} is outside the vocabulary of {n_tokens}")
 
 
 def _describe(key: str, types: dict[str, int]) -> str:
@@ -564,8 +567,7 @@ def _check_hparams(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> N
     arch = md["general.architecture"]
 
     def fail(name: str, message: str) -> None:
-        cur.field = f"{arch}.{name}"
-        cur.fail(message)
+        cur.fail_key(f"{arch}.{name}", message)
 
     values: dict[str, int] = {}  # scalar value, or the largest entry of a per-layer array
     for name in _INT_HPARAMS:
@@ -613,6 +615,13 @@ def _check_hparams(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> N
             fail("expert_group_count", f"inconsistent expert groups ({groups}, {group_used})")
     elif groups:
         fail("expert_group_count", "expert groups without experts")
+
+    # Norm epsilons: ggml's norm kernels assert eps >= 0 in the middle of a decode.
+    for key in md:
+        if key.startswith(f"{arch}.") and key.endswith("epsilon"):
+            value = md[key]
+            if types[key] not in (6, 12) or not (math.isfinite(value) and value >= 0):
+                cur.fail_key(key, f"must be a finite float >= 0, got {str(value)[:40]}")
 
     # Rope: the scaling type must be one llama.cpp knows, and ggml's rope needs an even number
     # of rotated dimensions, at most the head size.
