@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "list": "ondevice.cli.list:list_models",
     "rm": "ondevice.cli.rm:rm",
     "chat": "ondevice.cli.chat:chat",
+    "quantize": "ondevice.cli.quantize:quantize",
+    "perplexity": "ondevice.cli.perplexity:perplexity",
 }
 
 

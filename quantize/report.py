@@ -1,0 +1,199 @@
+"""The quantization quality ladder: make each type from one file and measure what it costs.
+
+For each requested type: quantize the input (in a temp dir, or `keep_dir`), then measure file
+size, bits per weight, perplexity on a text, mean KL divergence and top-1 agreement against the
+input (the reference), and greedy generation speed. The input's logits are computed once
+(ReferenceLogits) and reused for every type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ondevice
+from ondevice import models
+from ondevice.errors import MissingExtra, UsageError
+from ondevice.gguf_check import read_header
+
+from .quality import QualityResult, ReferenceLogits, evaluate
+from .quantize import quantize
+from .types import get_type
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+GEN_PROMPT = "The history of the printing press begins"
+
+
+@dataclass
+class LadderRow:
+    """One file of the ladder (the reference is the first row, with KL 0)."""
+
+    type: str
+    file_bytes: int
+    bpw: float
+    perplexity: float
+    kl_divergence: float
+    top1_agreement: float
+    gen_tps: float
+    quantize_s: float = 0.0
+    path: str | None = None
+
+
+@dataclass
+class LadderReport:
+    """The whole ladder: the rows, and how they were measured."""
+
+    source: str
+    text_tokens: int
+    scored_tokens: int
+    ctx: int
+    threads: int | str
+    rows: list[LadderRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A Markdown table, one row per type."""
+        lines = [
+            "| type | file size | bits/weight | perplexity | KL divergence | top-1 agreement "
+            "| generation tok/s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.type} | {r.file_bytes / 2**20:.1f} MiB | {r.bpw:.2f} | "
+                f"{r.perplexity:.4f} | {r.kl_divergence:.5f} | {100 * r.top1_agreement:.1f}% | "
+                f"{r.gen_tps:.1f} |"
+            )
+        return "\n".join(lines)
+
+
+def quality_ladder(
+    src: str | os.PathLike[str],
+    text: str,
+    types: Sequence[str] = DEFAULT_TYPES,
+    *,
+    ctx: int = 512,
+    threads: int | str = "auto",
+    keep_dir: str | os.PathLike[str] | None = None,
+    allow_requantize: bool = False,
+    imatrix: str | os.PathLike[str] | None = None,
+    gen_tokens: int = 64,
+    max_chunks: int | None = None,
+    on_status: Callable[[str], object] | None = None,
+) -> LadderReport:
+    """Quantize `src` to each of `types` and measure each against `src` on `text`."""
+    qtypes = [get_type(t) for t in types]
+    if not qtypes:
+        raise UsageError("no types given", hint="e.g. --types Q8_0,Q4_K_M,Q2_K")
+    src_path = models.resolve(src)
+    src_header = read_header(src_path)
+    status = on_status or (lambda _msg: None)
+    n_threads = ondevice.runtime._threads(threads)
+
+    status(f"reference: evaluating {src_path.name}")
+    ref = ReferenceLogits(src_path, text, ctx=ctx, threads=n_threads)
+    report = LadderReport(
+        source=str(src_path),
+        text_tokens=len(ref.tokens),
+        scored_tokens=0,
+        ctx=ctx,
+        threads=n_threads,
+    )
+    ref_q = _measure(src_path, text, ref, ctx, n_threads, gen_tokens, max_chunks)
+    report.scored_tokens = ref_q[0].tokens
+    report.rows.append(
+        _row(f"{_file_type(src_header)} (reference)", src_path, ref_q, 0.0, keep=True)
+    )
+    with tempfile.TemporaryDirectory(
+        prefix="ondevice-ladder-", dir=keep_dir if keep_dir is None else None
+    ) as tmp:
+        out_dir = Path(keep_dir) if keep_dir is not None else Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for qt in qtypes:
+            dst = out_dir / f"{src_path.stem}-{qt.name}.gguf"
+            status(f"{qt.name}: quantizing")
+            made = quantize(
+                src_path,
+                dst,
+                qt,
+                allow_requantize=allow_requantize,
+                imatrix=imatrix,
+                threads=n_threads,
+            )
+            status(f"{qt.name}: measuring")
+            q = _measure(dst, text, ref, ctx, n_threads, gen_tokens, max_chunks)
+            report.rows.append(_row(qt.name, dst, q, made.seconds, keep=keep_dir is not None))
+    return report
+
+
+def _measure(path, text, ref, ctx, threads, gen_tokens, max_chunks) -> tuple[QualityResult, float]:
+    """Quality against the reference, then greedy generation speed, with one loaded model."""
+    n_ctx = max(ctx, 64 + gen_tokens)
+    with ondevice.load(path, n_ctx=n_ctx, threads=threads) as m:
+        q = evaluate(m, text, ctx=ctx, reference=ref, max_chunks=max_chunks)
+        gen_tps = 0.0
+        if gen_tokens > 0:
+            res = m.generate(GEN_PROMPT, max_tokens=gen_tokens, temperature=0)
+            gen_tps = res.stats.generation_tps
+    return q, gen_tps
+
+
+def _row(name: str, path: Path, measured, quantize_s: float, *, keep: bool) -> LadderRow:
+    q, gen_tps = measured
+    h = read_header(path)
+    return LadderRow(
+        type=name,
+        file_bytes=path.stat().st_size,
+        bpw=h.tensor_bytes * 8 / h.n_params if h.n_params else 0.0,
+        perplexity=q.perplexity,
+        kl_divergence=q.kl_divergence or 0.0,
+        top1_agreement=q.top1_agreement if q.top1_agreement is not None else 1.0,
+        gen_tps=gen_tps,
+        quantize_s=quantize_s,
+        path=str(path) if keep else None,
+    )
+
+
+def _file_type(header) -> str:
+    """The dominant tensor type of a file, e.g. F16."""
+    counts: dict[str, int] = {}
+    for t in header.tensors:
+        if len(t.shape) >= 2:
+            counts[t.type_name] = counts.get(t.type_name, 0) + t.n_elements
+    return max(counts, key=counts.get) if counts else "?"
+
+
+def plot_ladder(report: LadderReport, png: str | os.PathLike[str]) -> Path:
+    """Save a size-vs-KL-divergence plot of the ladder (needs matplotlib: ondevice[plot])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingExtra("--plot needs matplotlib", hint="pip install 'ondevice[plot]'") from None
+    rows = [r for r in report.rows if not r.type.endswith("(reference)")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r.file_bytes / 2**20 for r in rows]
+    ys = [r.kl_divergence for r in rows]
+    ax.plot(xs, ys, "o-")
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        ax.annotate(r.type, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("mean KL divergence vs reference (nats)")
+    ax.set_yscale("log")
+    ax.set_title(f"{Path(report.source).name}: size vs quality (ctx {report.ctx})")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(png)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
