@@ -19,6 +19,7 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "convert" / "__init__.py").is_file():
     __path__.append(str(_checkout))  # type: ignore[name-defined]  # noqa: F821
 
+from ondevice.app import aload, load_async  # noqa: E402
 from ondevice.errors import (  # noqa: E402
     ContextOverflow,
     InvalidModelFile,
@@ -39,6 +40,8 @@ __all__ = [
     "OndeviceError",
     "Result",
     "Stats",
+    "aload",
     "load",
+    "load_async",
     "__version__",
 ]

@@ -99,3 +99,7 @@ class UsageError(OndeviceError):
     """An argument combination that makes no sense (the CLI exits with 2)."""
 
     exit_code = 2
+
+
+class Cancelled(OndeviceError):
+    """A background job (a load started with `ondevice.load_async`) was cancelled."""

@@ -252,6 +252,28 @@ class Model:
 
         return Conversation(self, system, **kwargs)
 
+    # --- for apps (ondevice.app): worker threads, never blocking the caller's loop ----------
+    def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+        """`stream()` as an async iterator run on a worker thread (`ondevice.app.astream`);
+        cancelling the consuming task stops the generation within one token."""
+        from ondevice import app
+
+        return app.astream(self, prompt, **kwargs)
+
+    def start(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+        """Stream on a worker thread with callbacks on_token/on_done/on_error; returns a
+        Handle (cancel(), wait(timeout)) at once (`ondevice.app.start`)."""
+        from ondevice import app
+
+        return app.start(self, prompt, **kwargs)
+
+    def stats(self) -> Any:
+        """Live numbers for a status bar (last reply's Stats, RSS now, model and KV bytes),
+        cheap and lock-free even while a generation runs (`ondevice.app.live_stats`)."""
+        from ondevice import app
+
+        return app.live_stats(self)
+
     def _stream(
         self,
         prompt: str | Sequence[int],
