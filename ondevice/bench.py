@@ -470,7 +470,7 @@ class _Runner:
 
     def pp(self, threads: int) -> None:
         o = self.opts
-        n_ctx = o.n_ctx or (o.n_prompt + o.depth)
+        n_ctx = o.n_ctx or max(o.n_prompt + o.depth, 8)
         m, bufs = self.load(n_ctx, threads)
         with m, m.lock():
             eng = m.engine
@@ -503,7 +503,7 @@ class _Runner:
 
     def tg(self, threads: int) -> None:
         o = self.opts
-        n_ctx = o.n_ctx or (o.n_gen + o.depth)
+        n_ctx = o.n_ctx or max(o.n_gen + o.depth, 8)
         m, bufs = self.load(n_ctx, threads)
         with m, m.lock():
             eng = m.engine
@@ -586,9 +586,9 @@ class _Runner:
         m, bufs = self.load(n_ctx, threads)
         with m:
             base = m.tokenize(STREAM_TEXT, add_special=False)
-            prompt = (base * (n_prompt // max(len(base), 1) + 1))[: n_prompt - 1]
             bos = [m.engine.bos] if m.engine.add_bos else []
-            prompt = (bos + prompt)[:n_prompt]
+            text = (base * (n_prompt // max(len(base), 1) + 1))[: n_prompt - len(bos)]
+            prompt = bos + text
             if o.warmup:
                 m.generate(prompt, max_tokens=2, seed=o.seed)
             rates, ttfts, counts = [], [], []
@@ -662,7 +662,7 @@ def _check_budget(header: GGUFHeader, opts: BenchOptions, n_ctx: int, repack: bo
             header, prof.ram_bytes, opts.kv_type, use_mmap=opts.use_mmap, repack=repack
         )
         raise DoesNotFit(
-            f"{header.path} needs about {pred.predicted_peak_bytes / GiB:.2f} GiB at ctx "
+            f"{Path(header.path).name} needs about {pred.predicted_peak_bytes / GiB:.2f} GiB at ctx "
             f"{n_ctx} ({opts.kv_type} KV) but profile {prof.name} allows "
             f"{prof.ram_bytes / GiB:.2f} GiB",
             hint=(f"the largest context that fits is {best}" if best else "use a smaller quant")
