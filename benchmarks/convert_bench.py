@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 CACHE = Path(os.environ.get("ONDEVICE_BENCH_CACHE", Path.home() / ".cache" / "ondevice-bench"))
 CHECKPOINT = CACHE / "phi2-shaped-hf"
@@ -98,13 +98,13 @@ def phi2_tensors() -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def write_shard(
-    path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator
-) -> None:
+def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng) -> None:
     """A safetensors file written tensor by tensor (never the whole shard in memory)."""
+    import numpy as np
+
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
-        n = int(np.prod(shape)) * 2
+        n = math.prod(shape) * 2
         header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -112,7 +112,7 @@ def write_shard(
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for name, shape in tensors:
-            n = int(np.prod(shape))
+            n = math.prod(shape)
             if name.endswith("layernorm.weight"):
                 f.write(
                     (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32))
@@ -126,7 +126,7 @@ def write_shard(
                 f.write(chunk.astype(np.float16).tobytes())
 
 
-def write_tokenizer(folder: Path, rng: np.random.Generator) -> None:
+def write_tokenizer(folder: Path, rng) -> None:
     """A valid GPT-2-style byte-level BPE with 50256 BPE tokens (random merges), <|endoftext|>
     at 50256 and CodeGen's 38 whitespace tokens: 50295 tokens, as phi-2's tokenizer has."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -164,8 +164,15 @@ def write_tokenizer(folder: Path, rng: np.random.Generator) -> None:
 
 
 def ensure_checkpoint() -> Path:
-    if (CHECKPOINT / ".complete").is_file():
-        return CHECKPOINT
+    if not (CHECKPOINT / ".complete").is_file():
+        # in a child, like all heavy work: the parent must stay small (see run_child)
+        subprocess.run([sys.executable, __file__, "--child", "generate"], check=True)
+    return CHECKPOINT
+
+
+def generate_checkpoint() -> None:
+    import numpy as np
+
     tmp = CHECKPOINT.with_name(CHECKPOINT.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -179,7 +186,7 @@ def ensure_checkpoint() -> Path:
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in phi2_tensors():
-        n = int(np.prod(shape)) * 2
+        n = math.prod(shape) * 2
         if size + n > SHARD_LIMIT and shards[-1]:
             shards.append([])
             size = 0
@@ -190,14 +197,13 @@ def ensure_checkpoint() -> Path:
         shard_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         write_shard(tmp / shard_name, tensors, rng)
         weight_map.update(dict.fromkeys((n for n, _ in tensors), shard_name))
-        total += sum(int(np.prod(s)) * 2 for _, s in tensors)
+        total += sum(math.prod(s) * 2 for _, s in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (tmp / ".complete").write_text("")
     shutil.rmtree(CHECKPOINT, ignore_errors=True)
     tmp.rename(CHECKPOINT)
     print(f"  done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return CHECKPOINT
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -208,7 +214,12 @@ def warm_page_cache(folder: Path) -> None:
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, tail of output) of one child process, via wait4."""
+    """(wall seconds, peak RSS in MB, tail of output) of one child process.
+
+    The peak comes from wait4. Linux folds the pre-exec memory of the forking process into a
+    child's ru_maxrss, so this parent does no heavy work itself (verification and the smoke
+    test run in children too) and its own peak, printed with the results, stays far below.
+    """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read() if proc.stdout else b""
@@ -217,13 +228,14 @@ def run_child(cmd: list[str]) -> tuple[float, float, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     tail = output.decode(errors="replace")[-2000:]
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{tail}")
     return wall, usage.ru_maxrss / 1024, tail  # ru_maxrss is in KiB on Linux
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, str]:
     """Whether two GGUF files hold the same tensors (names, types, shapes, bytes)."""
     import gguf
+    import numpy as np
 
     ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
     ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
@@ -271,7 +283,10 @@ def main() -> None:
         help="python with torch, transformers (and numpy) for llama.cpp's converter",
     )
     ap.add_argument("--no-verify", action="store_true", help="skip comparing the two outputs")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args.child)
 
     src = ensure_checkpoint()
     out_dir = CACHE / "convert-bench-out"
@@ -310,8 +325,13 @@ def main() -> None:
             run_child(commands["llama.cpp"])
         verdict = "not checked"
         if not args.no_verify:
-            ok, detail = same_tensors(ours_out, theirs_out)
-            verdict = ("identical tensors" if ok else "DIFFERENT: ") + ("" if ok else detail)
+            verdict = (
+                run_child(
+                    [sys.executable, __file__, "--child", "verify", str(ours_out), str(theirs_out)]
+                )[2]
+                .strip()
+                .splitlines()[-1]
+            )
         ours_w = statistics.median(w for w, _ in results["ondevice"])
         ours_m = max(m for _, m in results["ondevice"])
         theirs_w = statistics.median(w for w, _ in results["llama.cpp"])
@@ -326,7 +346,12 @@ def main() -> None:
 
     f16 = CACHE / "phi2-shaped-f16.gguf"
     if f16.exists():
-        notes.append(f"f16 smoke test: {smoke_test(f16)}")
+        smoke = run_child([sys.executable, __file__, "--child", "smoke", str(f16)])[2]
+        notes.append(f"f16 smoke test: {smoke.strip().splitlines()[-1]}")
+    parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    notes.append(
+        f"this script's own peak RSS: {parent_mb:.0f} MB (an upper bound on what wait4 could over-count)"
+    )
 
     cpu = next(
         (
@@ -353,6 +378,18 @@ def main() -> None:
         print(f"| {outtype} | output | {size / 1e9:.3f} GB | | | {verdict} |")
     for note in notes:
         print(f"- {note}")
+
+
+def child(argv: list[str]) -> None:
+    if argv[0] == "generate":
+        generate_checkpoint()
+    elif argv[0] == "verify":
+        ok, detail = same_tensors(Path(argv[1]), Path(argv[2]))
+        print(f"identical tensors ({detail})" if ok else f"DIFFERENT: {detail}")
+    elif argv[0] == "smoke":
+        print(smoke_test(Path(argv[1])))
+    else:
+        raise SystemExit(f"unknown child task {argv[0]}")
 
 
 if __name__ == "__main__":
