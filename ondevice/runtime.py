@@ -108,6 +108,7 @@ class Model:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._cancel = threading.Event()
+        self._close_pending = False
         # Tokens whose keys and values are in the KV cache, in order (sequence 0).
         self._cached: list[int] = []
         self._kv_bytes = eng.kv_bytes(
@@ -117,14 +118,27 @@ class Model:
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Free llama.cpp's model and context. Idempotent; waits for a running generation."""
+        """Free llama.cpp's model and context. Idempotent.
+
+        A generation in progress is cancelled first. If a stream is suspended in the middle
+        (its consumer stopped iterating without closing it), the memory is freed when that
+        stream is closed or garbage-collected, so close() never blocks on it.
+        """
         if self._engine is None:
             return
         self._cancel.set()
-        with self._lock:
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
+        if self._lock.acquire(timeout=2.0):
+            try:
+                self._free()
+            finally:
+                self._lock.release()
+        else:
+            self._close_pending = True
+
+    def _free(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     @property
     def closed(self) -> bool:
@@ -316,9 +330,16 @@ class Model:
             )
             sampler = engine.Sampler(params)
             try:
-                yield from self._run(eng, tokens, sampler, max_tokens, stops, cancelled, st, t_call)
+                for chunk in self._run(eng, tokens, sampler, max_tokens, stops, cancelled, st, t_call):
+                    if chunk.finish_reason is not None:
+                        final = chunk
+                        break
+                    yield chunk
             finally:
                 sampler.close()
+        # The last chunk is handed out after the model is released, so a consumer that stops
+        # iterating once it has the stats doesn't keep the model locked.
+        yield final
 
     def _run(
         self,
@@ -444,8 +465,11 @@ class _ModelLock:
         return m
 
     def __exit__(self, *exc: object) -> None:
-        self.model._owner = None
-        self.model._lock.release()
+        m = self.model
+        m._owner = None
+        if m._close_pending:
+            m._free()
+        m._lock.release()
 
 
 def _sampling(kwargs: dict[str, Any]) -> engine.SamplingParams:
