@@ -22,8 +22,8 @@ value pairs, the tensor infos (name, dims, type, offset), padding to `general.al
 from __future__ import annotations
 
 import math
-import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,11 +226,17 @@ class GGUFHeader:
 
 
 class _Cursor:
-    """Bounds-checked reads from the mapped file; every failure names offset and field."""
+    """Bounds-checked reads from the file's start; every failure names offset and field.
 
-    def __init__(self, path: str, buf: mmap.mmap | bytes, size: int) -> None:
+    The header is read with pread into memory as far as it is parsed (growing geometrically),
+    not memory-mapped: a file truncated by someone else while we read it must give an error,
+    not a SIGBUS.
+    """
+
+    def __init__(self, path: str, fd: int, size: int) -> None:
         self.path = path
-        self.buf = buf
+        self.fd = fd
+        self.buf = b""  # the file's first len(buf) bytes
         self.size = size
         # Metadata and tensor infos must lie in the first MAX_HEADER_BYTES of the file.
         self.end = min(size, MAX_HEADER_BYTES)
@@ -261,12 +267,27 @@ class _Cursor:
                 f"{what} needs {n} bytes but only {self.size - self.pos} remain "
                 "(file truncated or length corrupt)"
             )
+        if self.pos + n > len(self.buf):
+            self.fill(self.pos + n)
+
+    def fill(self, upto: int) -> None:
+        """Read the file up to `upto` (<= self.end), ahead in doubling steps."""
+        want = min(max(upto, 2 * len(self.buf), 1 << 20), self.end)
+        parts = [self.buf]
+        have = len(self.buf)
+        while have < want:
+            chunk = os.pread(self.fd, want - have, have)
+            if not chunk:
+                self.fail(f"the file ends at byte {have}: it shrank while being read")
+            parts.append(chunk)
+            have += len(chunk)
+        self.buf = b"".join(parts)
 
     def take(self, n: int, what: str) -> bytes:
         self.need(n, what)
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
-        return bytes(out)
+        return out
 
     def scalar(self, type_id: int, what: str) -> Any:
         _, fmt, size = _SCALARS[type_id]
@@ -315,31 +336,37 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """
     spath = os.fspath(path)
     try:
-        size = os.path.getsize(spath)
-        fh = open(spath, "rb")  # noqa: SIM115 - closed below
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; checked to be a file below.
+        fd = os.open(
+            spath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
     except FileNotFoundError:
         raise InvalidModelFile(spath, "file not found") from None
     except IsADirectoryError:
         raise InvalidModelFile(spath, "is a directory, not a .gguf file") from None
     except OSError as exc:
         raise InvalidModelFile(spath, f"cannot read: {exc.strerror or exc}") from None
-    with fh:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InvalidModelFile(spath, "is a directory, not a .gguf file")
+        raise InvalidModelFile(spath, "is not a regular file (a pipe or a device?)")
+    size = st.st_size
+    try:
         if size < 24:
             raise InvalidModelFile(
                 spath, f"file is {size} bytes, too short for a GGUF header", offset=0, field="magic"
             )
-        try:
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:  # e.g. a FIFO or a device
-            raise InvalidModelFile(spath, f"cannot map the file: {exc}") from None
-        try:
-            return _parse(spath, buf, size)
-        finally:
-            buf.close()
+        return _parse(_Cursor(spath, fd, size))
+    except OSError as exc:  # an I/O error while reading
+        raise InvalidModelFile(spath, f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
-def _parse(path: str, buf: mmap.mmap, size: int) -> GGUFHeader:
-    cur = _Cursor(path, buf, size)
+def _parse(cur: _Cursor) -> GGUFHeader:
+    path, size = cur.path, cur.size
     cur.field = "magic"
     magic = cur.take(4, "magic")
     if magic != GGUF_MAGIC:
@@ -484,18 +511,21 @@ def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
     them (as C strings, an empty token renamed "[EMPTY_i]"): its vocab loader asserts that every
     token is distinct and aborts the process otherwise."""
     raws: list[bytes] = []
-    buf, pos, end = cur.buf, cur.pos, cur.end
+    buf, pos = cur.buf, cur.pos
+    have = len(buf)
     unpack = struct.unpack_from
     append = raws.append
     for i in range(count):
-        if pos + 8 > end:
+        if pos + 8 > have:  # past what is read so far, or past the end
             cur.pos = pos
             cur.need(8, f"string #{i} of the array")
+            buf, have = cur.buf, len(cur.buf)
         (n,) = unpack("<Q", buf, pos)
         pos += 8
-        if n > end - pos:
+        if pos + n > have:
             cur.pos = pos - 8
             cur.need(n + 8, f"string #{i} of the array")
+            buf, have = cur.buf, len(cur.buf)
         append(buf[pos : pos + n])
         pos += n
     if unique and (len(set(raws)) != count or b"" in raws or b"\0" in b"".join(raws)):
