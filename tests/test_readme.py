@@ -1,0 +1,40 @@
+"""The README stays true: its CLI reference is what the code prints (cog), and its Quickstart
+test command is the one `.ci/run` runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def quickstart(marker: str) -> str:
+    lines = README.read_text().splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(f"<!-- quickstart-{marker}"))
+    assert lines[i + 1].startswith("```")
+    return lines[i + 2]
+
+
+def test_quickstart_has_exactly_two_commands():
+    demo, test = quickstart("demo"), quickstart("test")
+    assert "pip install '.[demo]'" in demo and demo.endswith("ondevice chat demo")
+    assert "pip install '.[test]'" in test and test.endswith("pytest")
+    assert (ROOT / ".ci" / "run").read_text().count("quickstart-test") == 1
+
+
+def test_cli_reference_is_current():
+    if not README.exists() or "[[[cog" not in README.read_text():
+        pytest.skip("README has no cog section")
+    r = subprocess.run(
+        [sys.executable, "-m", "cogapp", "--check", str(README)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, "README CLI reference is stale: run `cog -r README.md`\n" + r.stderr
