@@ -19,15 +19,40 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "convert" / "__init__.py").is_file():
     __path__.append(str(_checkout))  # type: ignore[name-defined]  # noqa: F821
 
-from ondevice.app import aload, load_async  # noqa: E402
 from ondevice.errors import (  # noqa: E402
     ContextOverflow,
     InvalidModelFile,
     ModelNotFound,
     OndeviceError,
 )
-from ondevice.runtime import Chunk, Model, Result, load  # noqa: E402
-from ondevice.stats import Stats  # noqa: E402
+
+# The runtime imports llama.cpp's shared libraries (a second or so); load it on first use so
+# `ondevice list`, `ondevice.convert` on a build server and `--help` stay fast.
+_LAZY = {
+    "Chunk": "ondevice.runtime",
+    "Model": "ondevice.runtime",
+    "Result": "ondevice.runtime",
+    "load": "ondevice.runtime",
+    "Stats": "ondevice.stats",
+    "aload": "ondevice.app",
+    "load_async": "ondevice.app",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ondevice' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
