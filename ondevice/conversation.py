@@ -310,6 +310,13 @@ class Conversation:
         assert self.last is not None
         return self.last
 
+    def astream(self, text: str, **kwargs: Any) -> Any:
+        """`stream()` as an async iterator run on a worker thread (`ondevice.app.astream`);
+        cancelling the consuming task stops the reply within one token."""
+        from ondevice import app
+
+        return app.astream(self, text, **kwargs)
+
     def stream(self, text: str, **kwargs: Any) -> Iterator[Chunk]:
         """Add a user message and stream the reply; the turn enters the history when the reply
         ends (a reply cancelled before its first word leaves the history unchanged).

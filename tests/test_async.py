@@ -148,16 +148,16 @@ def test_errors_are_raised_in_the_consuming_task(demo_model):
         asyncio.run(collect(prompt=[1] * (demo_model.n_ctx + 5)))
 
 
-def test_conversation_streams_through_the_generic_astream(demo_model):
-    """Anything with Model.stream's shape works, e.g. a Conversation (KV reuse still applies
-    although each turn runs on a different worker thread)."""
-    conversation = pytest.importorskip("ondevice.conversation")
+def test_conversation_astream(demo_model):
+    """Conversation.astream (the generic `ondevice.app.astream` over its stream()): KV reuse
+    still applies although each turn runs on a different worker thread."""
     demo_model.reset()
-    conv = conversation.Conversation(demo_model, max_tokens=24, temperature=0)
+    conv = demo_model.conversation(max_tokens=24, temperature=0)
     threads = set()
 
     async def turn(text: str):
-        stream = app.astream(conv, text)
+        stream = conv.astream(text)
+        assert isinstance(stream, app.AsyncStream)
         parts = [c.text async for c in stream]
         threads.add(stream._thread.ident)
         return "".join(parts), stream.result

@@ -109,9 +109,8 @@ def test_two_starts_on_one_model_run_one_after_the_other(demo_model):
 
 
 def test_start_drives_a_conversation(demo_model):
-    conversation = pytest.importorskip("ondevice.conversation")
     demo_model.reset()
-    conv = conversation.Conversation(demo_model, max_tokens=16, temperature=0)
+    conv = demo_model.conversation(max_tokens=16, temperature=0)
     pieces = []
     handle = app.start(conv, "What is the capital of France?", on_token=pieces.append)
     assert handle.wait(WAIT_S) and handle.error is None
