@@ -42,7 +42,7 @@ MAX_KEY_BYTES = 65535  # the spec's limit; real keys are < 100 bytes
 # object of ~30-60 bytes). Real models stay far below: the largest vocabularies have ~260k tokens,
 # so tokens + scores + types + merges stay under ~1.5 M elements, and ~1k tensors.
 MAX_ARRAY_LEN = 1 << 21  # elements in one metadata array
-MAX_TOTAL_ELEMENTS = 1 << 22  # elements in all metadata arrays together
+MAX_TOTAL_ELEMENTS = 3 << 20  # elements in all metadata arrays together
 MAX_STRING_BYTES = 16 << 20  # one metadata string (chat templates are ~10 kB)
 MAX_HEADER_BYTES = 64 << 20  # metadata + tensor infos (~2 MB for a 50k-token vocabulary)
 MAX_KV = 1 << 16
@@ -417,6 +417,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
 
     tensors: list[TensorInfo] = []
+    offset_at: list[int] = []  # where each tensor's data offset field lies
     names: set[str] = set()
     for i in range(n_tensors):
         cur.field = f"tensor #{i}"
@@ -453,12 +454,13 @@ def _parse(cur: _Cursor) -> GGUFHeader:
                 offset=cur.pos - 8,
             )
         tensors.append(TensorInfo(name, dims, type_id, offset, n_el, n_el // block * type_size))
+        offset_at.append(cur.pos - 8)
 
     cur.field = "tensor data"
     if n_tensors == 0:
         cur.fail("the file holds no tensors (a vocabulary-only file is not a model)")
     data_offset = -(-cur.pos // alignment) * alignment
-    _check_layout(cur, tensors, alignment, data_offset)
+    _check_layout(cur, tensors, offset_at, alignment, data_offset)
     return GGUFHeader(
         path=path,
         version=version,
@@ -510,7 +512,7 @@ def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
     """An array of strings. For the vocabulary, also refuse duplicates the way llama.cpp sees
     them (as C strings, an empty token renamed "[EMPTY_i]"): its vocab loader asserts that every
     token is distinct and aborts the process otherwise."""
-    raws: list[bytes] = []
+    raws: list = []
     buf, pos = cur.buf, cur.pos
     have = len(buf)
     unpack = struct.unpack_from
@@ -526,7 +528,8 @@ def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
             cur.pos = pos - 8
             cur.need(n + 8, f"string #{i} of the array")
             buf, have = cur.buf, len(cur.buf)
-        append(buf[pos : pos + n])
+        # Only the vocabulary keeps its raw bytes (for the duplicate check below).
+        append(buf[pos : pos + n] if unique else buf[pos : pos + n].decode("utf-8", "replace"))
         pos += n
     if unique and (len(set(raws)) != count or b"" in raws or b"\0" in b"".join(raws)):
         seen: dict[bytes, int] = {}
@@ -540,6 +543,8 @@ def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
                     offset=cur.pos,
                 )
     cur.pos = pos
+    if not unique:
+        return raws  # decoded in the loop
     return [raw.decode("utf-8", errors="replace") for raw in raws]
 
 
@@ -669,13 +674,14 @@ def _check_hparams(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> N
 
 
 def _check_layout(
-    cur: _Cursor, tensors: list[TensorInfo], alignment: int, data_offset: int
+    cur: _Cursor, tensors: list[TensorInfo], offset_at: list[int], alignment: int, data_offset: int
 ) -> None:
     """Tensor data as llama.cpp requires it: in header order, each tensor starting where the
-    previous one ends (padded to the alignment), and inside the file."""
+    previous one ends (padded to the alignment), and inside the file. Errors point at the
+    tensor's offset field."""
     expected = 0
     prev: TensorInfo | None = None
-    for t in tensors:
+    for t, at in zip(tensors, offset_at, strict=True):
         cur.field = f"tensor {t.name!r}"
         if t.offset != expected:
             if t.offset < expected and prev is not None:
@@ -687,14 +693,14 @@ def _check_layout(
             cur.fail(
                 f"data offset {t.offset} {problem} (expected {expected}: tensors must be "
                 "stored in header order, back to back)",
-                offset=data_offset + t.offset if t.offset < cur.size else None,
+                offset=at,
             )
         end = data_offset + t.offset + t.n_bytes
         if end > cur.size:
             cur.fail(
                 f"{t.n_bytes} bytes at data offset {t.offset} run past the end of the file "
                 f"({max(cur.size - data_offset, 0)} data bytes; truncated?)",
-                offset=min(data_offset + t.offset, cur.size),
+                offset=at,
             )
         expected = -(-(t.offset + t.n_bytes) // alignment) * alignment
         prev = t

@@ -1,8 +1,9 @@
 """Builds the GGUF test corpus: a tiny valid llama model, hand-made corrupt files, fuzz mutations.
 
     from gguf_corpus import build_tiny_llama, header_cases, model_cases, Mutator
-    valid = build_tiny_llama(tmp_path / "tiny.gguf")       # gguf-py's GGUFWriter; llama.cpp loads it
-    for case in header_cases(valid.read_bytes()): ...      # one file per corrupt-file class
+    valid = build_tiny_llama(tmp_path / "tiny.gguf")   # gguf-py's GGUFWriter; llama.cpp loads it
+    for case in header_cases(Layout.read(valid)):      # one corrupt file per class
+        case.write(tmp_path / "bad.gguf", valid)
 
 Everything here is independent of `ondevice.gguf_check` (the code under test): a small trusting
 parser (`Layout`) finds where every field of a *valid* file lies, and the corrupt files are that
@@ -13,8 +14,12 @@ hyperparameters) that pass a GGUF parser but used to abort llama.cpp.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,8 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType as V
+
+Src = tuple[bytes, int, int]  # a file's bytes: head, then bytes [start, end) of a source file
 
 # Value types: id -> struct format of a scalar (strings and arrays are variable).
 SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B"}
@@ -92,6 +99,7 @@ class TinySpec:
     tensors: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     extra_tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tokens: list[str] | None = None
+    float_only: bool = False  # F16 matrices only (a quantizer input), no Q8_0
 
 
 def tiny_tensors(spec: TinySpec, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Q]]:
@@ -140,7 +148,7 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
         "llama.rope.freq_base": (10000.0, V.FLOAT32, None),
         "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32, None),
         "llama.vocab_size": (n_vocab, V.UINT32, None),
-        "general.file_type": (7, V.UINT32, None),  # mostly Q8_0
+        "general.file_type": (1 if spec.float_only else 7, V.UINT32, None),  # F16 or Q8_0
         "tokenizer.ggml.model": ("gpt2", V.STRING, None),
         "tokenizer.ggml.pre": ("gpt-2", V.STRING, None),
         "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
@@ -170,6 +178,8 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
     for name, shape in spec.extra_tensors.items():
         shapes[name] = (shape, Q.F32)
     for name, (shape, qtype) in shapes.items():
+        if spec.float_only and qtype == Q.Q8_0:
+            qtype = Q.F16
         if name.endswith("norm.weight"):
             data = np.ones(shape, dtype=np.float32)
         else:
@@ -237,9 +247,27 @@ class Layout:
     infos_end: int  # offset just past the last tensor info
     data_start: int
     fields: list[Field]
+    size: int  # of the whole file; `data` holds only its first data_start bytes
 
     @classmethod
-    def parse(cls, data: bytes) -> Layout:
+    def read(cls, path: str | Path) -> Layout:
+        """Parse a valid file's header, reading only as much of the file as it takes."""
+        size = os.path.getsize(path)
+        n = 1 << 20
+        with open(path, "rb") as f:
+            while True:
+                f.seek(0)
+                head = f.read(n)
+                try:
+                    return cls.parse(head, size)
+                except (struct.error, IndexError, ValueError):
+                    if n >= size:
+                        raise
+                    n *= 4
+
+    @classmethod
+    def parse(cls, data: bytes, size: int | None = None) -> Layout:
+        size = len(data) if size is None else size
         fields: list[Field] = []
         pos = 0
 
@@ -307,7 +335,10 @@ class Layout:
             tensors.append(TI(name, dims, ttype, offset, at))
         infos_end = pos
         data_start = -(-pos // alignment) * alignment
-        return cls(data, version, kvs, tensors, alignment, infos_end, data_start, fields)
+        if data_start > len(data):
+            raise ValueError("need more of the file")
+        head = data[:data_start]
+        return cls(head, version, kvs, tensors, alignment, infos_end, data_start, fields, size)
 
     def kv(self, key: str) -> KV:
         for item in self.kvs:
@@ -330,8 +361,9 @@ class Layout:
         n_tensors: int | None = None,
         alignment: int | None = None,
         blob: bytes | None = None,
-    ) -> bytes:
-        """Re-assemble a file from (possibly edited) parts; the data blob is copied as is."""
+    ) -> Src:
+        """Re-assemble a file from (possibly edited) parts; the data section is the original's
+        (by reference) unless `blob` replaces it."""
         kvs = self.kvs if kvs is None else kvs
         tensors = self.tensors if tensors is None else tensors
         out = bytearray(b"GGUF")
@@ -348,8 +380,20 @@ class Layout:
             out += struct.pack(f"<{len(t.dims)}Q", *t.dims) + struct.pack("<IQ", t.ttype, t.offset)
         align = alignment or self.alignment
         out += b"\0" * (-len(out) % align)
-        out += self.data[self.data_start :] if blob is None else blob
-        return bytes(out)
+        if blob is not None:
+            return bytes(out) + blob, 0, 0
+        return bytes(out), self.data_start, self.size
+
+    def patched(self, offset: int, fmt: str, value: Any) -> Src:
+        """The file with one field (inside the header) overwritten."""
+        head = bytearray(self.data)
+        struct.pack_into(fmt, head, offset, value)
+        return bytes(head), self.data_start, self.size
+
+    def truncated(self, cut: int) -> Src:
+        if cut <= self.data_start:
+            return self.data[:cut], 0, 0
+        return self.data, self.data_start, cut
 
 
 def encode(vtype: int, value: Any, sub: int | None = None) -> bytes:
@@ -363,42 +407,75 @@ def encode(vtype: int, value: Any, sub: int | None = None) -> bytes:
     return struct.pack("<IQ", sub, len(value)) + b"".join(encode(sub, v) for v in value)
 
 
-def patch(data: bytes, offset: int, fmt: str, value: Any) -> bytes:
-    out = bytearray(data)
-    struct.pack_into(fmt, out, offset, value)
-    return bytes(out)
-
-
 # --- hand-made corrupt files --------------------------------------------------------------------
 
 
 @dataclass
 class Case:
-    """One corrupt file: its class (llama.cpp's test-gguf.cpp name where there is one), the
-    bytes, and a word the error's field or message must contain."""
+    """One corrupt file: its class (llama.cpp's test-gguf.cpp name where there is one), its
+    bytes, and a word the error's field or message must contain.
+
+    The bytes are `head` followed by bytes [start, end) of the valid source file, so a corrupt
+    copy of a 98 MB model costs its header in memory, not the whole file.
+    """
 
     name: str
-    data: bytes
+    src: Src
     expect: str
 
+    @property
+    def size(self) -> int:
+        head, start, end = self.src
+        return len(head) + end - start
 
-def header_cases(valid: bytes) -> list[Case]:
-    """Corrupt variants of the valid file `valid` (tiny llama or the demo model), one per class.
+    def write(self, path: Path, source: Path, *, sparse: bool = False) -> Path:
+        """Write the file. `sparse`: leave the tail a hole of zeros instead of copying it
+        (enough for header checks, which never read tensor data)."""
+        head, start, end = self.src
+        with open(path, "wb") as out:
+            out.write(head)
+            if end > start and sparse:
+                out.truncate(len(head) + end - start)
+            elif end > start:
+                with open(source, "rb") as inp:
+                    inp.seek(start)
+                    shutil.copyfileobj(_Limited(inp, end - start), out, 1 << 20)
+        return path
+
+    def data(self, source: Path) -> bytes:
+        head, start, end = self.src
+        with open(source, "rb") as f:
+            f.seek(start)
+            return head + f.read(end - start)
+
+
+class _Limited:
+    def __init__(self, f: Any, n: int) -> None:
+        self.f, self.n = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.n if size < 0 else min(size, self.n)
+        out = self.f.read(size)
+        self.n -= len(out)
+        return out
+
+
+def header_cases(lay: Layout) -> list[Case]:
+    """Corrupt variants of a valid file (tiny llama or the demo model), one per class.
 
     Each must be refused by the header check; none may reach llama.cpp.
     """
-    lay = Layout.parse(valid)
-    size = len(valid)
+    size = lay.size
     cases: list[Case] = []
 
-    def add(name: str, data: bytes, expect: str) -> None:
-        cases.append(Case(name, data, expect))
+    def add(name: str, src: Src, expect: str) -> None:
+        cases.append(Case(name, src, expect))
 
-    def with_kv(key: str, vtype: int, raw: bytes) -> bytes:
+    def with_kv(key: str, vtype: int, raw: bytes) -> Src:
         kvs = [replace(k, vtype=vtype, raw=raw) if k.key == key.encode() else k for k in lay.kvs]
         return lay.serialize(kvs)
 
-    def with_tensor(i: int, **changes: Any) -> bytes:
+    def with_tensor(i: int, **changes: Any) -> Src:
         ts = [replace(t, **changes) if j == i else t for j, t in enumerate(lay.tensors)]
         return lay.serialize(tensors=ts)
 
@@ -407,38 +484,38 @@ def header_cases(valid: bytes) -> list[Case]:
     first = lay.tensors[0]
     second = lay.tensors[1]
     # header (test-gguf.cpp: HEADER_*)
-    add("HEADER_BAD_MAGIC", b"FUGG" + valid[4:], "magic")
-    add("HEADER_BAD_VERSION_0", patch(valid, 4, "<I", 0), "version")
-    add("HEADER_BAD_VERSION_1", patch(valid, 4, "<I", 1), "version")
-    add("HEADER_BAD_VERSION_FUTURE", patch(valid, 4, "<I", 4), "version")
-    add("HEADER_BAD_VERSION_ENDIAN", patch(valid, 4, "<I", 3 << 24), "version")
-    add("HEADER_BAD_N_TENSORS", patch(valid, 8, "<Q", 2**64 - 1), "tensor_count")
-    add("HEADER_BAD_N_KV", patch(valid, 16, "<Q", 2**64 - 1), "kv_count")
-    add("HEADER_N_KV_PLUS_ONE", patch(valid, 16, "<Q", len(lay.kvs) + 1), "")
-    add("HEADER_N_TENSORS_PLUS_ONE", patch(valid, 8, "<Q", len(lay.tensors) + 1), "")
-    add("HEADER_EMPTY", b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + b"\0" * 8, "architecture")
+    add("HEADER_BAD_MAGIC", (b"FUGG" + lay.data[4:], lay.data_start, size), "magic")
+    add("HEADER_BAD_VERSION_0", lay.patched(4, "<I", 0), "version")
+    add("HEADER_BAD_VERSION_1", lay.patched(4, "<I", 1), "version")
+    add("HEADER_BAD_VERSION_FUTURE", lay.patched(4, "<I", 4), "version")
+    add("HEADER_BAD_VERSION_ENDIAN", lay.patched(4, "<I", 3 << 24), "version")
+    add("HEADER_BAD_N_TENSORS", lay.patched(8, "<Q", 2**64 - 1), "tensor_count")
+    add("HEADER_BAD_N_KV", lay.patched(16, "<Q", 2**64 - 1), "kv_count")
+    add("HEADER_N_KV_PLUS_ONE", lay.patched(16, "<Q", len(lay.kvs) + 1), "")
+    add("HEADER_N_TENSORS_PLUS_ONE", lay.patched(8, "<Q", len(lay.tensors) + 1), "")
+    add("HEADER_EMPTY", (b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + b"\0" * 8, 0, 0), "architecture")
     add("HEADER_NO_TENSORS", lay.serialize(tensors=[], blob=b""), "tensor")
     # key/value pairs (KV_*)
     name_kv = lay.kv("general.name")
-    add("KV_BAD_KEY_SIZE", patch(valid, name_kv.at, "<Q", 2**64 - 1), "key")
-    add("KV_KEY_SIZE_PAST_END", patch(valid, name_kv.at, "<Q", size), "key")
+    add("KV_BAD_KEY_SIZE", lay.patched(name_kv.at, "<Q", 2**64 - 1), "key")
+    add("KV_KEY_SIZE_PAST_END", lay.patched(name_kv.at, "<Q", size), "key")
     add(
         "KV_EMPTY_KEY",
         lay.serialize([replace(k, key=b"") if k is name_kv else k for k in lay.kvs]),
         "key",
     )
-    add("KV_BAD_TYPE", patch(valid, name_kv.type_at, "<I", 13), "general.name")
-    add("KV_BAD_TYPE_NEGATIVE", patch(valid, name_kv.type_at, "<I", 2**32 - 1), "general.name")
-    add("KV_BAD_STRING_SIZE", patch(valid, name_kv.value_at, "<Q", 2**63), "general.name")
-    add("KV_STRING_PAST_END", patch(valid, name_kv.value_at, "<Q", size), "general.name")
+    add("KV_BAD_TYPE", lay.patched(name_kv.type_at, "<I", 13), "general.name")
+    add("KV_BAD_TYPE_NEGATIVE", lay.patched(name_kv.type_at, "<I", 2**32 - 1), "general.name")
+    add("KV_BAD_STRING_SIZE", lay.patched(name_kv.value_at, "<Q", 2**63), "general.name")
+    add("KV_STRING_PAST_END", lay.patched(name_kv.value_at, "<Q", size), "general.name")
     add("KV_DUPLICATE_KEY", lay.serialize(lay.kvs + [name_kv]), "duplicate")
-    add("KV_BAD_ARRAY_TYPE", patch(valid, tok.value_at, "<I", 13), "tokenizer.ggml.tokens")
-    add("KV_NESTED_ARRAY", patch(valid, tok.value_at, "<I", T_ARRAY), "tokenizer.ggml.tokens")
-    add("KV_HUGE_ARRAY", patch(valid, tok.value_at + 4, "<Q", 2**62), "tokenizer.ggml.tokens")
+    add("KV_BAD_ARRAY_TYPE", lay.patched(tok.value_at, "<I", 13), "tokenizer.ggml.tokens")
+    add("KV_NESTED_ARRAY", lay.patched(tok.value_at, "<I", T_ARRAY), "tokenizer.ggml.tokens")
+    add("KV_HUGE_ARRAY", lay.patched(tok.value_at + 4, "<Q", 2**62), "tokenizer.ggml.tokens")
     # gguf-py's reader spends seconds and gigabytes on this one (3 M elements in a small file).
     add(
         "KV_ARRAY_3M_ELEMENTS",
-        patch(valid, tok.value_at + 4, "<Q", 3_000_000),
+        lay.patched(tok.value_at + 4, "<Q", 3_000_000),
         "tokenizer.ggml.tokens",
     )
     align_kv = KV(b"general.alignment", 4, encode(4, 13), 0, 0, 0)
@@ -459,7 +536,7 @@ def header_cases(valid: bytes) -> list[Case]:
         "general.alignment",
     )
     # tensor infos (TENSORS_*)
-    add("TENSORS_BAD_NAME_SIZE", patch(valid, first.at, "<Q", 2**64 - 1), "tensor")
+    add("TENSORS_BAD_NAME_SIZE", lay.patched(first.at, "<Q", 2**64 - 1), "tensor")
     add("TENSORS_NAME_TOO_LONG", with_tensor(0, name=b"t" * 64), "tensor")
     add("TENSORS_EMPTY_NAME", with_tensor(0, name=b""), "tensor")
     add("TENSORS_BAD_N_DIMS", with_tensor(0, dims=first.dims + [1, 1, 1]), "dimension count")
@@ -484,8 +561,8 @@ def header_cases(valid: bytes) -> list[Case]:
         "offset",
     )
     # data (DATA_*)
-    add("DATA_NOT_ENOUGH_DATA", valid[:-1], "")
-    add("DATA_EMPTY", valid[: lay.data_start], "")
+    add("DATA_NOT_ENOUGH_DATA", lay.truncated(size - 1), "")
+    add("DATA_EMPTY", lay.truncated(lay.data_start), "")
     # tokenizer
     add(
         "TOKENS_WRONG_ELEMENT_TYPE",
@@ -554,7 +631,7 @@ def header_cases(valid: bytes) -> list[Case]:
         "last_byte": size - 1,
     }
     for where, cut in points.items():
-        add(f"TRUNCATED_IN_{where.upper()}", valid[:cut], "")
+        add(f"TRUNCATED_IN_{where.upper()}", lay.truncated(cut), "")
     return cases
 
 
@@ -654,9 +731,9 @@ class Mutator:
     interesting value; flip bits or overwrite bytes anywhere in the header; shorten the file.
     """
 
-    def __init__(self, valid: bytes) -> None:
-        self.lay = Layout.parse(valid)
-        self.size = len(valid)
+    def __init__(self, lay: Layout) -> None:
+        self.lay = lay
+        self.size = lay.size
         self.header_end = self.lay.data_start
         self.by_kind: dict[str, list[Field]] = {}
         for f in self.lay.fields:
@@ -748,19 +825,31 @@ class Mutator:
         return [], cut, f"truncated to {cut} bytes"
 
 
-def apply(data: bytes, patches: list[tuple[int, bytes]], length: int) -> bytes:
-    out = bytearray(data[:length])
-    for at, raw in patches:
-        if at < length:
-            out[at : at + len(raw)] = raw[: max(0, length - at)]
-    return bytes(out[:length])
+class WorkingCopy:
+    """A copy of a valid file that mutations are applied to in place and then undone, so that
+    fuzzing a 98 MB model costs a few bytes of I/O per case instead of a 98 MB copy."""
 
+    def __init__(self, lay: Layout, source: Path, path: Path) -> None:
+        self.lay, self.source, self.path = lay, source, path
+        shutil.copyfile(source, path)
 
-def write_cases(directory: Path, cases: list[Case]) -> list[tuple[Case, Path]]:
-    directory.mkdir(parents=True, exist_ok=True)
-    out = []
-    for case in cases:
-        p = directory / f"{case.name.lower()}.gguf"
-        p.write_bytes(case.data)
-        out.append((case, p))
-    return out
+    @contextmanager
+    def mutated(self, patches: list[tuple[int, bytes]], length: int) -> Iterator[Path]:
+        with open(self.path, "r+b") as f:
+            for at, raw in patches:
+                f.seek(at)
+                f.write(raw)
+            if length != self.lay.size:
+                f.truncate(length)
+        try:
+            yield self.path
+        finally:
+            with open(self.path, "r+b") as f:
+                for at, raw in patches:
+                    f.seek(at)
+                    f.write(self.lay.data[at : at + len(raw)])
+                if length != self.lay.size:
+                    with open(self.source, "rb") as src:
+                        src.seek(length)
+                        f.seek(length)
+                        shutil.copyfileobj(src, f, 1 << 20)
