@@ -35,3 +35,11 @@ def cli_env(tmp_path) -> dict[str, str]:
     env["ONDEVICE_HOME"] = str(tmp_path / "ondevice-home")
     env["NO_COLOR"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def demo_f16_path(tmp_path_factory, demo_path) -> Path:
+    """The demo model dequantized to an F16 GGUF (real weights to quantize from), made once."""
+    from ondevice.quantize import dequantize_to_f16
+
+    return dequantize_to_f16(demo_path, tmp_path_factory.mktemp("f16") / "demo-f16.gguf")
