@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
@@ -56,7 +57,9 @@ def display():
     os.close(write_fd)
     number = b""
     with os.fdopen(read_fd, "rb") as pipe:
-        number = pipe.readline().strip()  # Xvfb writes its display number once it listens
+        # Xvfb writes its display number once it listens (EOF if it dies first).
+        if select.select([pipe], [], [], 60)[0]:
+            number = pipe.readline().strip()
     if not number:
         proc.kill()
         err = proc.communicate(timeout=10)[1].decode(errors="replace").strip().splitlines()
