@@ -40,15 +40,20 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
-# RSS of a Python process that imported ondevice and initialised llama.cpp, before any model:
-# interpreter, numpy, psutil, click and the llama.cpp/ggml shared libraries (measured here:
-# 55-58 MB, about half of it file-backed library pages).
-RUNTIME_BASE_BYTES = 58 * 1000 * 1000
-# Per tokenizer entry (token or merge): llama.cpp's vocab maps and token-to-piece cache plus
-# the header's Python strings. Calibrated from SmolLM2 (49152 tokens, 48900 merges): ~34 MB.
-TOKENIZER_BYTES_PER_ENTRY = 350
-# Activations live at the widest point of one layer, per token of the micro-batch, in units of
-# 4-byte floats of the embedding and FFN widths (calibrated on llama and phi2 graphs).
+# RSS of a Python process that imported ondevice (and its CLI) and initialised llama.cpp,
+# before any model: interpreter, numpy, psutil, click and the llama.cpp/ggml shared libraries.
+# Measured here: 43 MiB for the library alone, 48 MiB for the CLI (about 21 MiB of it
+# file-backed library pages).
+RUNTIME_BASE_BYTES = 48 * MiB
+# Per tokenizer entry (token or merge): llama.cpp's vocab maps and token-to-piece cache plus the
+# Python strings of the header we parse first. Measured as the anonymous memory a load adds
+# beyond the KV cache: 28.5 MiB for SmolLM2 (49152 tokens + 48900 merges) and 28.9 MiB for a
+# Phi-2-shaped file (51200 + 50000): 300 bytes per entry.
+TOKENIZER_BYTES_PER_ENTRY = 300
+# Activations live at the widest point of one layer, per token of the micro-batch, in 4-byte
+# floats of the embedding and FFN widths. Calibrated from the anonymous memory a 512-token
+# micro-batch adds after the load (measured 18.7 MiB for SmolLM2 at ctx 2048, 87.5 MiB for
+# Phi-2-shaped at ctx 512; these coefficients give 17.9 and 90.7).
 ACT_EMBD_FLOATS = 6.0
 ACT_FF_FLOATS = 3.0
 
