@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import ondevice
-from ondevice.models import demo_model_path
+# llama.cpp's OpenMP threads spin while they wait; with a loaded model in this process and
+# CLI subprocesses beside it on a 2-core machine, spinning threads starve each other (the demo
+# model fell from 55 to 0.1 tok/s). Passive waiting keeps the suite's timing sane; it must be
+# set before llama.cpp's libraries load, and subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import ondevice  # noqa: E402
+from ondevice.models import demo_model_path  # noqa: E402
 
 # The suite's own subprocesses must run the same interpreter and package as pytest.
 PYTHON = sys.executable
