@@ -22,6 +22,16 @@ def _mib(n: float | None) -> str:
     return "-" if not n else f"{n / 1024 / 1024:.0f} MiB"
 
 
+def _size(n: int) -> str:
+    """llama-bench's size column."""
+    return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _params(n: int) -> str:
+    """llama-bench's params column."""
+    return f"{n / 1e6:.2f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+
+
 def _tps(r: BenchRecord) -> str:
     return f"{r.tps_mean:.2f} ± {r.tps_sd:.2f}"
 
@@ -58,8 +68,8 @@ def format_md(records: list[BenchRecord]) -> str:
         lines += [head, sep]
         for r in main:
             row = (
-                f"| {r.model_desc or r.model} | {_mib(r.model_bytes)} | "
-                f"{r.n_params / 1e6:.2f} M | {r.backend} | {r.threads} | {r.test} | {_tps(r)} | "
+                f"| {r.model_desc or r.model} | {_size(r.model_bytes)} | "
+                f"{_params(r.n_params)} | {r.backend} | {r.threads} | {r.test} | {_tps(r)} | "
                 f"{_mib(r.peak_rss_bytes)} | {_mib(r.kv_bytes)} |"
             )
             if roof:
