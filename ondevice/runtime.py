@@ -544,7 +544,8 @@ def load(
     use_mmap     map the file (pages can be shared and dropped) instead of reading it.
     kv_type      KV cache element type: f16 (default), bf16, f32, q8_0, q4_0 (where the model
                  allows it).
-    on_progress  called with a fraction 0..1 while the weights load (from this thread).
+    on_progress  called with a fraction 0..1 while the weights load (from this thread);
+                 returning False cancels the load (ModelLoadError).
     no_fallback  when the GPU has no usable device or loading on it fails, raise instead of
                  running on the CPU (the fallback is noted in Model.notes and Stats.notes).
     force        load even when ondevice.fit predicts the model will not fit the available
@@ -611,7 +612,8 @@ def load(
 
         def progress(value: float) -> bool:
             try:
-                on_progress(value)
+                # Returning False (not None) from on_progress cancels the load.
+                return on_progress(value) is not False
             except Exception:  # noqa: BLE001 - a UI callback must not abort the load
                 log.exception("on_progress callback failed")
             return True

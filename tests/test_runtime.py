@@ -229,3 +229,10 @@ def test_generation_speed_is_reported_not_asserted(demo_model):
     t0 = time.perf_counter()
     r = greedy(demo_model, n=8)
     assert r.stats.total_s <= time.perf_counter() - t0
+
+
+def test_load_can_be_cancelled_from_on_progress(demo_path):
+    from ondevice.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        ondevice.load(demo_path, n_ctx=256, threads=2, on_progress=lambda v: False)
