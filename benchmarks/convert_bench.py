@@ -207,9 +207,10 @@ def generate_checkpoint() -> None:
 
 
 def warm_page_cache(folder: Path) -> None:
+    buf = bytearray(1 << 20)  # small: this parent's own RSS must stay low (see run_child)
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
                 pass
 
 
