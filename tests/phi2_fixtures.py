@@ -98,13 +98,12 @@ def build_tiny_phi2(
         max_shard = _shard_size(model, shards, torch_dtype)
         model.to(torch_dtype).save_pretrained(path, max_shard_size=max_shard)
         model.float()
-        for extra in ("generation_config.json",):
-            (path / extra).unlink(missing_ok=True)
+        (path / "generation_config.json").unlink(missing_ok=True)  # not a file we read
     elif layout == "original":
         _save_original_layout(model, path, torch_dtype, shards)
     else:
         raise ValueError(layout)
-    _write_config(path, model.config, config_layout, n_tokens)
+    _write_config(path, model.config, config_layout)
     if shards > 1:
         assert (path / "model.safetensors.index.json").is_file(), "checkpoint did not shard"
     return TinyPhi2(path, model, n_tokens)
@@ -228,7 +227,7 @@ def _save_original_layout(model: Any, path: Path, dtype: Any, shards: int) -> No
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_config(path: Path, cfg: Any, layout: str, n_tokens: int) -> None:
+def _write_config(path: Path, cfg: Any, layout: str) -> None:
     data = (
         json.loads((path / "config.json").read_text())
         if (path / "config.json").is_file()
