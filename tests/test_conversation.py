@@ -170,13 +170,13 @@ def test_closing_a_stream_early_releases_the_model(demo_model):
 
 @pytest.fixture(scope="module")
 def small_model(demo_path):
-    with ondevice.load(demo_path, n_ctx=160, threads=2) as m:
+    with ondevice.load(demo_path, n_ctx=256, threads=2) as m:
         yield m
 
 
 def test_full_context_drops_oldest_turns(small_model):
     conv = small_model.conversation("Be brief.", temperature=0, max_tokens=8)
-    filler = "Please remember this sentence about apples and oranges and pears."
+    filler = "Please remember this sentence about apples and oranges and pears. " * 3
     dropped_at = None
     for i in range(8):
         reply = conv.send(f"Fact {i}: {filler}")
@@ -200,7 +200,7 @@ def test_message_longer_than_the_context(small_model):
     conv = small_model.conversation(temperature=0, max_tokens=8)
     conv.send("Hi")
     before = conv.messages
-    with pytest.raises(ContextOverflow, match="context holds 160"):
+    with pytest.raises(ContextOverflow, match=f"context holds {small_model.n_ctx}"):
         conv.stream("word " * 400)
     assert conv.messages == before
 
