@@ -424,6 +424,11 @@ class Engine:
 
 def _last_error() -> str:
     """The most telling recent llama.cpp log line, for an error message."""
+    # "llama_model_load: error loading model: check_tensor_dims: tensor 'x' not found" says
+    # what is wrong; the "failed to load model" line after it does not.
+    for line in reversed(_recent_log):
+        if "error loading model: " in line:
+            return line.split("error loading model: ", 1)[1].strip()
     for line in reversed(_recent_log):
         low = line.lower()
         if "error" in low or "failed" in low or "unknown" in low:

@@ -671,13 +671,25 @@ def model_cases() -> list[ModelCase]:
     s = TinySpec
     table = [
         # name, spec, refused_by, raw llama.cpp, word in our error
-        ("MISSING_TENSOR", s(tensors={"blk.1.ffn_up.weight": None}), "llama", "error", ""),
-        ("WRONG_SHAPE", s(tensors={"blk.0.attn_k.weight": (64, 64)}), "llama", "error", ""),
-        ("EXTRA_TENSOR", s(extra_tensors={"blk.0.bogus.weight": (64,)}), "llama", "error", ""),
-        ("UNKNOWN_TOKENIZER", kv("tokenizer.ggml.model", "bogus", V.STRING), "llama", "error", ""),
-        ("MISSING_MERGES", s(kv={"tokenizer.ggml.merges": None}), "llama", "error", ""),
-        ("HEAD_COUNT_ZERO", kv("llama.attention.head_count", 0), "llama", "error", ""),
-        ("HEAD_COUNT_KV_ZERO", kv("llama.attention.head_count_kv", 0), "llama", "error", ""),
+        ("MISSING_TENSOR", s(tensors={"blk.1.ffn_up.weight": None}), "llama", "error", "not found"),
+        ("WRONG_SHAPE", s(tensors={"blk.0.attn_k.weight": (64, 64)}), "llama", "error", "shape"),
+        (
+            "EXTRA_TENSOR",
+            s(extra_tensors={"blk.0.bogus.weight": (64,)}),
+            "llama",
+            "error",
+            "number",
+        ),
+        (
+            "UNKNOWN_TOKENIZER",
+            kv("tokenizer.ggml.model", "bogus", V.STRING),
+            "llama",
+            "error",
+            "tokenizer",
+        ),
+        ("MISSING_MERGES", s(kv={"tokenizer.ggml.merges": None}), "llama", "error", "merges"),
+        ("HEAD_COUNT_ZERO", kv("llama.attention.head_count", 0), "llama", "error", "shape"),
+        ("HEAD_COUNT_KV_ZERO", kv("llama.attention.head_count_kv", 0), "llama", "error", "shape"),
         (
             "UNKNOWN_ARCH",
             kv("general.architecture", "llamaX", V.STRING),

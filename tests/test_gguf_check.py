@@ -265,7 +265,8 @@ def test_broken_model_refused_by_llama_cpp_cleanly(name, tmp_path, cli_env):
     read_header(path)
     proc = ondevice_cli("run", str(path), *RUN_ARGS, env=cli_env)
     assert_clean_error(proc, name)
-    assert "llama.cpp could not load" in proc.stderr
+    # llama.cpp's reason, not its generic "failed to load model"
+    assert "llama.cpp could not load" in proc.stderr and case.expect in proc.stderr, proc.stderr
 
 
 RAW_PROBE = """
