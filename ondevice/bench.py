@@ -351,6 +351,26 @@ def pinned(cpus: list[int] | None) -> Iterator[list[int] | None]:
             os.sched_setaffinity(0, old)
 
 
+# --- the timed loops (also used by ondevice.tune) ----------------------------------------------
+def random_tokens(rng: random.Random, n_vocab: int, n: int, bos: int | None) -> list[int]:
+    """llama-bench's prompt: BOS (if the model adds one) then random ids over the vocab."""
+    out = [rng.randrange(n_vocab) for _ in range(n)]
+    if n and bos is not None:
+        out[0] = bos
+    return out
+
+
+def gen_seconds(eng: Any, n: int, bos: int | None, rng: random.Random, n_vocab: int) -> float:
+    """llama-bench's test_gen: n single-token decodes (BOS first, then random ids); seconds."""
+    tok = bos if bos is not None else rng.randrange(n_vocab)
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        eng.decode_one(tok)
+        eng.synchronize()
+        tok = rng.randrange(n_vocab)
+    return (time.perf_counter_ns() - t0) / 1e9
+
+
 # --- the runner -------------------------------------------------------------------------------
 class _Runner:
     """Runs the tests of one `run_bench` call; keeps the facts every record repeats."""
@@ -389,6 +409,7 @@ class _Runner:
                 n_batch=o.n_batch,
                 n_ubatch=o.n_ubatch,
                 kv_type=o.kv_type,
+                tune=False,  # bench measures the settings it was given, not stored tunings
             )
         if not self.desc:
             self.desc = m.engine.describe()
@@ -448,11 +469,7 @@ class _Runner:
         self.records.append(rec)
 
     def tokens(self, n: int, bos: int | None) -> list[int]:
-        """llama-bench's prompt: BOS (if the model adds one) then random ids over the vocab."""
-        out = [self.rng.randrange(self.n_vocab) for _ in range(n)]
-        if n and bos is not None:
-            out[0] = bos
-        return out
+        return random_tokens(self.rng, self.n_vocab, n, bos)
 
     def fill_depth(self, eng: Any, bos: int | None) -> None:
         d = self.opts.depth
@@ -492,14 +509,7 @@ class _Runner:
         self.progress(f"{test} t={threads}: {self.records[-1].tps_mean:.2f} t/s")
 
     def gen_block(self, eng: Any, n: int, bos: int | None) -> float:
-        """llama-bench's test_gen: n single-token decodes; seconds."""
-        tok = bos if bos is not None else self.rng.randrange(self.n_vocab)
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            eng.decode_one(tok)
-            eng.synchronize()
-            tok = self.rng.randrange(self.n_vocab)
-        return (time.perf_counter_ns() - t0) / 1e9
+        return gen_seconds(eng, n, bos, self.rng, self.n_vocab)
 
     def tg(self, threads: int) -> None:
         o = self.opts

@@ -105,6 +105,9 @@ class Model:
         self.threads = threads
         self.n_ctx = eng.n_ctx
         self.notes: list[str] = list(eng.notes)
+        # The load settings in force and where each came from (argument/tuned/default).
+        self.settings: dict[str, Any] = {}
+        self.settings_source: dict[str, str] = {}
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._cancel = threading.Event()
@@ -523,10 +526,12 @@ def load(
     threads: int | str = "auto",
     gpu_layers: int | str = "auto",
     flash_attn: str = "auto",
-    use_mmap: bool = True,
-    n_batch: int = 2048,
-    n_ubatch: int = 512,
-    kv_type: str = "f16",
+    use_mmap: bool | None = None,
+    n_batch: int | None = None,
+    n_ubatch: int | None = None,
+    kv_type: str | None = None,
+    repack: bool | None = None,
+    tune: bool | str = True,
     on_progress: Callable[[float], Any] | None = None,
     no_fallback: bool = False,
     force: bool = False,
@@ -544,6 +549,13 @@ def load(
     use_mmap     map the file (pages can be shared and dropped) instead of reading it.
     kv_type      KV cache element type: f16 (default), bf16, f32, q8_0, q4_0 (where the model
                  allows it).
+    n_batch, n_ubatch  prompt tokens per llama_decode call / per compute pass (2048 / 512).
+    repack       llama.cpp's weight repacking (default on; forced off on AMX builds).
+    tune         True: settings left unset (None, or "auto" for threads and flash_attn) come
+                 from the stored `ondevice tune` result for this model and device (the chat
+                 workload's, else the newest); a workload name picks that one; False ignores
+                 tunings. Model.settings / settings_source (and a note in Stats.notes) say
+                 which settings are in force and where they came from.
     on_progress  called with a fraction 0..1 while the weights load (from this thread);
                  returning False cancels the load (ModelLoadError).
     no_fallback  when the GPU has no usable device or loading on it fails, raise instead of
@@ -557,7 +569,14 @@ def load(
     t0 = time.perf_counter()
     path = models.resolve(model)
     header = read_header(path)
-    n_threads = _threads(threads)
+    from ondevice import tune as tuning
+
+    asked = {"flash_attn": flash_attn, "repack": repack, "use_mmap": use_mmap}
+    asked.update(n_batch=n_batch, n_ubatch=n_ubatch, threads=threads, kv_type=kv_type)
+    chosen, sources, tune_note = tuning.settings_in_force(path, tune, backend, asked)
+    flash_attn, repack, use_mmap = chosen["flash_attn"], chosen["repack"], chosen["use_mmap"]
+    n_batch, n_ubatch, kv_type = chosen["n_batch"], chosen["n_ubatch"], chosen["kv_type"]
+    n_threads = _threads(chosen["threads"])
     trained = int(header.arch_value("context_length", 0) or 0)
     ctx = n_ctx if n_ctx is not None else (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)
     if ctx < 8:
@@ -603,6 +622,7 @@ def load(
         flash_attn=attention.flash_attn,
         offload_kqv=attention.offload_kqv,
         use_mmap=use_mmap,
+        use_extra_bufts=repack,
         type_k=kv_type,
         type_v=kv_type,
     )
@@ -650,6 +670,14 @@ def load(
     m = Model(path, header, eng, placement, load_s, n_threads)
     m.backend = backends.describe(placement, backends.offloaded_layers(eng.load_log))
     m.notes.extend([*placement.notes, *attention.notes])
+    m.settings = dict(chosen)
+    m.settings.update(flash_attn=attention.flash_attn, threads=n_threads, n_ubatch=config.n_ubatch)
+    m.settings["repack"] = eng.config.use_extra_bufts
+    m.settings_source = dict(sources)
+    if repack is not False and not eng.config.use_extra_bufts:
+        m.settings_source["repack"] = "device (AMX build)"
+    if tune_note:
+        m.notes.append(tune_note)
     return m
 
 

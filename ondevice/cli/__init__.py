@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "chat": "ondevice.cli.chat:chat",
     "quantize": "ondevice.cli.quantize:quantize",
     "perplexity": "ondevice.cli.perplexity:perplexity",
+    "tune": "ondevice.cli.tune:tune",
 }
 
 

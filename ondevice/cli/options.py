@@ -18,12 +18,13 @@ LOAD_OPTIONS = (
     "kv_type",
     "no_fallback",
     "force",
+    "no_tune",
 )
 
 
 def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type,
-    --no-fallback, --force."""
+    --no-fallback, --force, --no-tune."""
     opts = [
         click.option(
             "--ctx",
@@ -68,14 +69,19 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--kv-type",
-            default="f16",
-            show_default=True,
-            help="KV cache type: f16, bf16, f32, q8_0, q4_0 (where the model allows it).",
+            default=None,
+            help="KV cache type: f16, bf16, f32, q8_0, q4_0 (where the model allows it) "
+            "[default: f16, or the tuned one].",
         ),
         click.option(
             "--force",
             is_flag=True,
             help="Load even if `ondevice fit` predicts the model won't fit the free memory.",
+        ),
+        click.option(
+            "--no-tune",
+            is_flag=True,
+            help="Ignore the settings stored by `ondevice tune` (use the defaults).",
         ),
     ]
     for opt in reversed(opts):
@@ -128,10 +134,12 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "backend": params.get("backend", "auto"),
         "gpu_layers": gpu,  # "auto" or a number; ondevice.backends checks it
         "flash_attn": params.get("flash_attn", "auto"),
-        "use_mmap": not params.get("no_mmap", False),
-        "kv_type": params.get("kv_type", "f16"),
+        # None leaves the choice to a stored tuning (ondevice tune), else the default.
+        "use_mmap": False if params.get("no_mmap") else None,
+        "kv_type": params.get("kv_type"),
         "no_fallback": params.get("no_fallback", False),
         "force": bool(params.get("force", False)),
+        "tune": not params.get("no_tune", False),
     }
 
 

@@ -14,11 +14,15 @@ from ondevice.cli.options import mib
 def system(as_json: bool) -> None:
     """Show the CPU (model, features, performance/efficiency cores), RAM, and the installed
     llama.cpp: version, compiled backends and the devices it can run on."""
+    from ondevice import tune
     from ondevice.system import system_info
 
     info = system_info()
+    mine, everyone = tune.stored(), tune.stored(this_device=False)
     if as_json:
-        click.echo(json.dumps(info.to_dict(), indent=2))
+        data = info.to_dict()
+        data["tunings"] = {"path": str(tune.tunings_path()), "this_device": mine}
+        click.echo(json.dumps(data, indent=2))
         return
     gib = 1024**3
     click.echo(f"OS:        {info.os} ({info.machine})")
@@ -45,4 +49,20 @@ def system(as_json: bool) -> None:
         click.echo(
             f"  [{d['index']}] {d['name']} ({d['type']}, {d['backend']}): "
             f"{d['description']} {mem}".rstrip()
+        )
+    others = len(everyone) - len(mine)
+    click.echo(
+        f"Tunings:   {len(mine)} for this device (`ondevice tune`; load() applies them unless "
+        f"--no-tune){f', {others} for other devices' if others else ''}; {tune.tunings_path()}"
+    )
+    for e in mine:
+        s = e.get("settings", {})
+        f = e.get("faithfulness") or {}
+        faith = f", KL {f['kl_mean']:.1e}, top-1 {f['top1']:.0%}" if "kl_mean" in f else ""
+        click.echo(
+            f"  {e.get('model_name')} (sha256 {str(e.get('model_sha256'))[:12]}) "
+            f"{e.get('workload')} ctx {e.get('n_ctx')}: fa={s.get('flash_attn')} "
+            f"repack={s.get('repack')} mmap={s.get('use_mmap')} ub={s.get('n_ubatch')} "
+            f"t={s.get('threads')} kv={s.get('kv_type')}; {e.get('speedup', 0):.2f}x the "
+            f"defaults{faith}; {str(e.get('created', ''))[:10]}"
         )

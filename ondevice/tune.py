@@ -1,0 +1,894 @@
+"""`ondevice tune`: measures llama.cpp's settings on this device for one model and one workload,
+and keeps the fastest faithful ones so that `ondevice.load()` uses them from then on.
+
+llama.cpp's defaults are picked for many machines at once; on a given one, flash attention,
+weight repacking, the micro-batch, the thread count and the KV cache type can each be worth
+tens of percent, in either direction, and which way depends on how deep into the context the
+work happens. So we measure instead of guessing:
+
+  candidates  flash attention on/off; weight repacking where this build can use it (not on
+              AMX builds, whose kernels crash here: the engine forces it off, so it is listed
+              as unavailable, never tried); mmap or reading the file; n_ubatch; threads
+              (the performance cores first, then fewer); KV cache types the model allows.
+  a probe     one candidate, measured with bench's timed loops: load it (after fit's
+              prediction says it fits the RAM budget), walk the KV cache through the depths
+              the workload reaches, timing a prompt chunk and a block of single-token decodes
+              at each depth point, then read the peak RSS (it must also fit the budget).
+  cost        a workload is prompt and generated tokens spread over depths (`Segment`s); a
+              probe's cost is the sum over segments of tokens x seconds per token, the latter
+              interpolated between the measured depth points and averaged over the segment's
+              depths. Lower is better; "workload tok/s" is tokens over that cost.
+  search      coordinate descent from the defaults, one knob at a time in order of expected
+              effect; a close call (< RECHECK apart) is measured again, interleaved, and the
+              means decide; within TIE the incumbent stays unless it needs >5% more memory.
+              The search stops when the time budget would be overrun.
+  faithful    a candidate that changes numerics (flash attention, repacking, KV type) must
+              keep the next-token distribution: mean KL divergence <= KL_MAX and top-1
+              agreement >= TOP1_MIN against the defaults, on a fixed text, with every
+              position's logits (Engine.decode_all_logits).
+  stored      per (device fingerprint, model sha256, workload) in tunings.json in the user's
+              config dir ($ONDEVICE_HOME/config when set). The sha256 is cached by path, size
+              and mtime, so a load doesn't hash a 1.7 GB file each time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ondevice.errors import DoesNotFit, OndeviceError, UsageError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+WORKLOADS = ("chat", "long-prompt", "short")
+# In order of expected effect: on a busy or small machine the thread count decides most.
+KNOBS = ("threads", "flash_attn", "repack", "kv_type", "n_ubatch", "use_mmap")
+# Re-measure when two candidates are closer than this (the shared machine's noise is ~10%).
+RECHECK = 0.08
+# Within this, the incumbent stays (unless the challenger needs >5% less memory).
+TIE = 0.03
+KL_MAX = 0.01
+TOP1_MIN = 0.90
+TG_BLOCK = 32  # single-token decodes per depth point
+
+# The fixed text of the faithfulness check: plain prose, ~200 tokens for most vocabularies.
+FAITH_TEXT = (
+    "The river rose slowly through the night, and by morning the lower fields were under "
+    "water. Farmers moved their animals to the hills while the children watched from the "
+    "bridge. In the town, the baker kept his ovens burning, because people would need bread "
+    "whatever the weather did. An old map in the library showed that the same thing had "
+    "happened a century before, when the mill was built and the channel was narrowed. The "
+    "engineers who came from the capital measured the banks, counted the bridges and wrote a "
+    "long report recommending a wider channel, new gates and a second road out of the valley. "
+    "Nobody read it until the next flood, when it was found in a drawer, exactly as they had "
+    "left it, with a note asking for the money to be sent in spring."
+)
+
+
+# --- settings -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """The knobs a tuning sets (what `ondevice.load()` takes)."""
+
+    flash_attn: str = "auto"  # "on", "off" or "auto" (llama.cpp / ondevice decide)
+    repack: bool = True  # llama.cpp's weight repacking (use_extra_bufts)
+    use_mmap: bool = True
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    threads: int = 1
+    kv_type: str = "f16"
+
+    def label(self) -> str:
+        return (
+            f"fa={self.flash_attn} repack={'on' if self.repack else 'off'} "
+            f"mmap={'on' if self.use_mmap else 'off'} ub={self.n_ubatch} t={self.threads} "
+            f"kv={self.kv_type}"
+        )
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def numerics(self) -> tuple[str, bool, str]:
+        """The part that changes the arithmetic (the rest only changes speed and memory)."""
+        return (self.flash_attn, self.repack, self.kv_type)
+
+
+def repack_usable() -> bool:
+    """Whether this llama.cpp build may repack weights here (the engine forces it off on AMX
+    builds, whose kernels die with SIGILL on this project's machines)."""
+    from ondevice import fit
+
+    return fit.repack_default()
+
+
+def default_settings(threads: int | None = None) -> Settings:
+    """What `ondevice.load()` uses untuned: llama.cpp's defaults (flash attention auto, repacking
+    where usable, mmap, n_batch 2048 / n_ubatch 512, f16 KV) on the performance cores."""
+    from ondevice.system import auto_threads
+
+    return Settings(repack=repack_usable(), threads=threads or auto_threads())
+
+
+# --- workloads ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """`tokens` prompt ("pp") or generated ("tg") tokens spread evenly over depths
+    [depth0, depth1); prompt tokens arrive `chunk` at a time (one llama_decode call each)."""
+
+    kind: str
+    tokens: int
+    depth0: int
+    depth1: int
+    chunk: int = 1
+
+
+def workload_segments(name: str, n_ctx: int) -> list[Segment]:
+    """Where a workload spends its tokens at context n_ctx.
+
+    short        a 64-token question, a 128-token answer, from an empty cache.
+    long-prompt  a document filling 3/4 of the context in one prompt, then 128 tokens.
+    chat         turns of ~64 prompt tokens (the new message; the history stays cached) and
+                 ~128 reply tokens until the context is full: a third of the tokens are prompt,
+                 two thirds generated, spread evenly over depths 0..n_ctx.
+    """
+    if name == "short":
+        p = max(8, min(64, n_ctx // 4))
+        g = max(1, min(128, n_ctx - p - 1))
+        return [Segment("pp", p, 0, p, p), Segment("tg", g, p, p + g)]
+    if name == "long-prompt":
+        p = max(8, n_ctx * 3 // 4)
+        g = max(1, min(128, n_ctx - p - 1))
+        return [Segment("pp", p, 0, p, p), Segment("tg", g, p, p + g)]
+    if name == "chat":
+        return [
+            Segment("pp", n_ctx // 3, 0, n_ctx, min(64, n_ctx // 4)),
+            Segment("tg", n_ctx - n_ctx // 3, 0, n_ctx),
+        ]
+    raise UsageError(f"unknown workload {name!r}", hint=f"use one of {', '.join(WORKLOADS)}")
+
+
+def depth_points(segments: Sequence[Segment], n_ctx: int, tg_block: int = TG_BLOCK) -> list[int]:
+    """Depths to measure at: each segment's start, and for long spans its middle and end too
+    (a token's cost grows with depth, roughly linearly; three points see the curve)."""
+    top = max(0, n_ctx - max(tg_block, 64) - 2)
+    # A one-chunk prompt is timed as a whole, and generation right after it is timed there.
+    whole_ends = {s.depth1 for s in segments if s.kind == "pp" and s.chunk >= s.tokens}
+    pts: set[int] = set()
+    for s in segments:
+        if s.kind == "pp" and s.chunk >= s.tokens:
+            continue
+        if s.kind == "tg" and s.depth0 in whole_ends and s.depth1 - s.depth0 <= 256:
+            continue
+        pts.add(min(s.depth0, top))
+        if s.depth1 - s.depth0 > 256:
+            pts.add(min((s.depth0 + s.depth1) // 2, top))
+            pts.add(top)
+    return sorted(pts)
+
+
+def _mean_over(points: list[tuple[int, float]], d0: int, d1: int) -> float:
+    """Mean of a piecewise-linear function of depth (flat beyond the measured points) over
+    [d0, d1]."""
+    pts = sorted(points)
+    if len(pts) == 1 or d1 <= d0:
+        return _interp(pts, d0)
+    n = 64
+    return statistics.fmean(_interp(pts, d0 + (d1 - d0) * (i + 0.5) / n) for i in range(n))
+
+
+def _interp(pts: list[tuple[int, float]], d: float) -> float:
+    if d <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if d <= x1:
+            return y0 + (y1 - y0) * (d - x0) / (x1 - x0) if x1 > x0 else y1
+    return pts[-1][1]
+
+
+# --- probes -------------------------------------------------------------------------------------
+@dataclass
+class Probe:
+    """One candidate's measurements (several runs when it was re-measured)."""
+
+    settings: Settings
+    costs: list[float] = field(default_factory=list)  # estimated workload seconds per run
+    pp: dict[str, float] = field(default_factory=dict)  # "depth/chunk" -> tok/s (last run)
+    tg: dict[int, float] = field(default_factory=dict)  # depth -> tok/s (last run)
+    peak_rss_bytes: int = 0
+    predicted_peak_bytes: int = 0
+    load_s: float = 0.0
+    wall_s: float = 0.0
+    flash_attn_resolved: str = ""
+    status: str = "ok"  # ok, excluded (RAM), failed, unfaithful
+    reason: str = ""
+
+    @property
+    def cost(self) -> float:
+        return statistics.fmean(self.costs) if self.costs else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["cost"] = self.cost if self.costs else None
+        out["tg"] = {str(k): v for k, v in self.tg.items()}
+        return out
+
+
+def _time_decode(eng: Any, tokens: list[int]) -> float:
+    t0 = time.perf_counter_ns()
+    eng.decode(tokens)
+    eng.synchronize()
+    return (time.perf_counter_ns() - t0) / 1e9
+
+
+def measure(
+    path: Path,
+    settings: Settings,
+    segments: Sequence[Segment],
+    n_ctx: int,
+    *,
+    seed: int = 7,
+    tg_block: int = TG_BLOCK,
+    probe: Probe | None = None,
+) -> Probe:
+    """Load `path` with `settings` (untuned) and measure the workload's segments; adds one run
+    to `probe` (a new one by default)."""
+    import ondevice
+    from ondevice import bench, stats
+
+    probe = probe or Probe(settings)
+    rng = random.Random(seed)
+    t_wall = time.perf_counter()
+    with bench.native_log_lines() as lines:
+        m = ondevice.load(path, n_ctx=n_ctx, tune=False, backend="auto", **settings.load_kwargs())
+    probe.flash_attn_resolved = _resolved_fa(lines, settings.flash_attn)
+    with m, m.lock():
+        probe.load_s = m.load_s
+        eng = m.engine
+        nv = eng.n_vocab
+        bos = eng.bos if eng.add_bos else None
+        block = max(1, min(tg_block, n_ctx // 8))
+        # Warm-up (llama-bench's): one prompt batch and one generated token, then forget them.
+        eng.decode(bench.random_tokens(rng, nv, min(32, n_ctx // 4), bos))
+        bench.gen_seconds(eng, 1, bos, rng, nv)
+        eng.kv_clear()
+        spent: dict[int, int] = {}
+        pp_pts: dict[Segment, list[tuple[int, float]]] = {}
+        tg_pts: list[tuple[int, float]] = []
+        whole: dict[Segment, float] = {}
+        # One-chunk prompts first: each is its own timed decode from an empty cache.
+        for s in segments:
+            if s.kind == "pp" and s.chunk >= s.tokens:
+                eng.kv_clear()
+                sec = _time_decode(eng, bench.random_tokens(rng, nv, s.tokens, bos))
+                whole[s] = sec
+                probe.pp[f"{s.tokens}@{s.depth0}"] = s.tokens / sec
+                for t in segments:
+                    if t.kind == "tg" and t.depth0 == s.depth1:
+                        gsec = bench.gen_seconds(eng, block, None, rng, nv)
+                        tg_pts.append((s.depth1, gsec / block))
+                        probe.tg[s.depth1] = block / gsec
+        eng.kv_clear()
+        depth = 0
+        for d in depth_points(segments, n_ctx, block):
+            if d > depth:  # untimed fill to the next point, in big batches
+                eng.decode(bench.random_tokens(rng, nv, d - depth, bos if depth == 0 else None))
+                depth = d
+            for s in segments:
+                if s.kind == "pp" and s.chunk < s.tokens and s.depth0 <= d < s.depth1:
+                    sec = _time_decode(eng, bench.random_tokens(rng, nv, s.chunk, None))
+                    pp_pts.setdefault(s, []).append((d, sec / s.chunk))
+                    probe.pp[f"{s.chunk}@{d}"] = s.chunk / sec
+                    eng.kv_keep(d)
+                if s.kind == "tg" and s.depth0 <= d < max(s.depth1, s.depth0 + 1):
+                    if d not in spent:
+                        gsec = bench.gen_seconds(eng, block, bos if d == 0 else None, rng, nv)
+                        spent[d] = 1
+                        tg_pts.append((d, gsec / block))
+                        probe.tg[d] = block / gsec
+                        eng.kv_keep(d)
+        probe.peak_rss_bytes = max(probe.peak_rss_bytes, stats.peak_rss_bytes())
+    cost = 0.0
+    for s in segments:
+        if s in whole:
+            cost += whole[s]
+        elif s.kind == "pp":
+            cost += s.tokens * _mean_over(pp_pts[s], s.depth0, s.depth1)
+        else:
+            pts = [p for p in tg_pts if s.depth0 <= p[0] <= s.depth1] or tg_pts
+            cost += s.tokens * _mean_over(pts, s.depth0, s.depth1)
+    probe.costs.append(cost)
+    probe.wall_s += time.perf_counter() - t_wall
+    return probe
+
+
+def _resolved_fa(lines: list[str], asked: str) -> str:
+    """What llama.cpp made of flash_attn=auto, from its log ("Flash Attention enabled")."""
+    if asked != "auto":
+        return asked
+    for line in lines:
+        low = line.lower()
+        if "flash" in low and ("enabled" in low or "disabled" in low or "not supported" in low):
+            return "on" if "enabled" in low else "off"
+        if "flash_attn" in low and "= disabled" in low:
+            return "off"
+    return "auto"
+
+
+# --- faithfulness -------------------------------------------------------------------------------
+@dataclass
+class Faithfulness:
+    """Next-token agreement of a candidate with the reference on FAITH_TEXT."""
+
+    kl_mean: float
+    kl_max: float
+    top1: float
+    n_positions: int
+    passed: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _logits(path: Path, settings: Settings, n_ctx: int, tokens: list[int] | None) -> Any:
+    import ondevice
+
+    with ondevice.load(path, n_ctx=n_ctx, tune=False, **settings.load_kwargs()) as m, m.lock():
+        eng = m.engine
+        if tokens is None:
+            tokens = eng.tokenize(FAITH_TEXT)[: n_ctx - 1]
+        return tokens, eng.decode_all_logits(tokens)
+
+
+def check_faithful(
+    model: str | os.PathLike[str],
+    settings: Settings,
+    reference: Settings | None = None,
+    *,
+    reference_model: str | os.PathLike[str] | None = None,
+    n_ctx: int = 512,
+) -> Faithfulness:
+    """Compare `settings` on `model` with `reference` (default: the defaults) on
+    `reference_model` (default: the same file) by next-token KL divergence and top-1 agreement
+    over every position of a fixed text."""
+    import numpy as np
+
+    from ondevice import models
+
+    cand_path = models.resolve(model)
+    ref_path = models.resolve(reference_model) if reference_model is not None else cand_path
+    reference = reference or default_settings(settings.threads)
+    tokens, ref = _logits(ref_path, reference, n_ctx, None)
+    _, got = _logits(cand_path, settings, n_ctx, tokens)
+    if ref.shape != got.shape:
+        return Faithfulness(math.inf, math.inf, 0.0, 0, False, "the vocabularies differ")
+
+    def log_softmax(x: Any) -> Any:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+    kl_mean = float(kl.mean()) if np.isfinite(kl).all() else math.inf
+    ok = kl_mean <= KL_MAX and top1 >= TOP1_MIN
+    why = "" if ok else f"KL {kl_mean:.4g} (max {KL_MAX}), top-1 {top1:.1%} (min {TOP1_MIN:.0%})"
+    return Faithfulness(kl_mean, float(kl.max()), top1, len(tokens), ok, why)
+
+
+# --- the search ---------------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    """What `tune()` measured and chose."""
+
+    model: str
+    model_sha256: str
+    workload: str
+    n_ctx: int
+    device: dict[str, Any]
+    device_id: str
+    defaults: Probe
+    best: Probe
+    probes: list[Probe]
+    faithfulness: Faithfulness | None
+    unavailable: dict[str, str]
+    skipped: list[str]
+    ram_budget_bytes: int | None
+    time_budget_s: float
+    elapsed_s: float
+    how: str
+    stored_in: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.defaults.cost / self.best.cost if self.best.costs else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["defaults"] = self.defaults.to_dict()
+        out["best"] = self.best.to_dict()
+        out["probes"] = [p.to_dict() for p in self.probes]
+        out["speedup"] = self.speedup
+        return out
+
+
+def _candidates(
+    knob: str, header: Any, current: Settings, n_ctx: int
+) -> tuple[list[Any], str | None]:
+    """Values to try for one knob, or ([], why not)."""
+    from ondevice import fit
+    from ondevice.system import cpu_topology
+
+    if knob == "flash_attn":
+        return ["on", "off"], None
+    if knob == "repack":
+        if not repack_usable():
+            return [], (
+                "unavailable: this llama.cpp build has AMX kernels, reached through repacking, "
+                "which crash on this machine (set ONDEVICE_ALLOW_AMX=1 to try)"
+            )
+        if not fit.repackable_bytes(header):
+            return [], "nothing in this model is repacked on this CPU"
+        return [True, False], None
+    if knob == "threads":
+        topo = cpu_topology()
+        n = topo.n_performance
+        vals = [n, n - 1, n // 2, topo.logical if topo.logical > n else 0]
+        return sorted({v for v in vals if v >= 1}, reverse=True), None
+    if knob == "kv_type":
+        vals = [k for k in ("f16", "q8_0", "bf16") if fit.kv_type_problem(header, k) is None]
+        why = None if len(vals) > 1 else "the model allows no other KV cache type"
+        return vals, why
+    if knob == "n_ubatch":
+        return [u for u in (128, 256, 512, 1024) if u <= current.n_batch], None
+    if knob == "use_mmap":
+        return [True, False], None
+    raise UsageError(f"unknown knob {knob!r}", hint=f"use some of {', '.join(KNOBS)}")
+
+
+def tune(
+    model: str | os.PathLike[str],
+    workload: str = "chat",
+    *,
+    n_ctx: int | None = None,
+    ram_budget: int | None = None,
+    time_budget: float = 600.0,
+    knobs: Sequence[str] = KNOBS,
+    save: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Measure settings for `model` under `workload` on this device and store the winner."""
+    from ondevice import fit, models
+    from ondevice.gguf_check import read_header
+    from ondevice.runtime import DEFAULT_CTX
+
+    say = progress or (lambda msg: log.info("%s", msg))
+    t_start = time.perf_counter()
+    path = models.resolve(model)
+    header = read_header(path)
+    segments = workload_segments(workload, 8)  # validates the name early
+    trained = int(header.arch_value("context_length", 0) or 0)
+    ctx = n_ctx or (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)
+    if ctx < 64:
+        raise UsageError(f"tuning needs a context of at least 64 tokens, got {ctx}")
+    segments = workload_segments(workload, ctx)
+    sha = model_sha256(path)
+    dev = device_fingerprint()
+    probes: list[Probe] = []
+    unavailable: dict[str, str] = {}
+    skipped: list[str] = []
+    faith_cache: dict[tuple[str, bool, str], Faithfulness] = {}
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
+    def predicted(s: Settings) -> int:
+        return fit.predict(
+            header,
+            ctx,
+            s.kv_type,
+            min(s.n_ubatch, s.n_batch),
+            use_mmap=s.use_mmap,
+            repack=s.repack and repack_usable(),
+            flash_attn=s.flash_attn != "off",
+        ).predicted_peak_bytes
+
+    def run(s: Settings, p: Probe | None = None) -> Probe:
+        p = p or Probe(s, predicted_peak_bytes=predicted(s))
+        if not any(q is p for q in probes):
+            probes.append(p)
+        if ram_budget is not None and p.predicted_peak_bytes > ram_budget:
+            p.status = "excluded"
+            p.reason = f"predicted peak {_mib(p.predicted_peak_bytes)} > budget {_mib(ram_budget)}"
+            say(f"  {s.label()}: {p.reason}")
+            return p
+        try:
+            measure(path, s, segments, ctx, probe=p, seed=7 + len(p.costs))
+        except OndeviceError as exc:
+            p.status, p.reason = "failed", exc.one_line()
+            say(f"  {s.label()}: failed ({p.reason})")
+            return p
+        if ram_budget is not None and p.peak_rss_bytes > ram_budget:
+            p.status = "excluded"
+            p.reason = f"measured peak RSS {_mib(p.peak_rss_bytes)} > budget {_mib(ram_budget)}"
+        say(
+            f"  {s.label()}: {_workload_tps(segments, p):.1f} workload tok/s, "
+            f"peak RSS {_mib(p.peak_rss_bytes)}" + (f" ({p.reason})" if p.reason else "")
+        )
+        return p
+
+    def faithful(s: Settings) -> bool:
+        if s.numerics() == reference.numerics() or _same_numerics(s, defaults_probe):
+            return True
+        key = s.numerics()
+        if key not in faith_cache:
+            faith_cache[key] = check_faithful(path, s, reference, n_ctx=min(ctx, 512))
+            f = faith_cache[key]
+            say(f"  faithfulness of {s.label()}: KL {f.kl_mean:.2e}, top-1 {f.top1:.1%}")
+        return faith_cache[key].passed
+
+    def usable(p: Probe) -> bool:
+        return p.status == "ok" and bool(p.costs)
+
+    reference = default_settings()
+    say(f"tuning {path.name} for {workload} at ctx {ctx} ({_describe(segments)})")
+    defaults_probe = run(reference)
+    best = defaults_probe
+    by_settings: dict[Settings, Probe] = {reference: defaults_probe}
+    for knob in knobs:
+        values, why = _candidates(knob, header, best.settings, ctx)
+        if why:
+            unavailable[knob] = why
+        alts = [v for v in values if v != getattr(best.settings, knob)]
+        if knob == "flash_attn" and best.settings.flash_attn == "auto":
+            # "auto" is one of on/off; measuring both would measure it twice.
+            alts = [v for v in alts if v != defaults_probe.flash_attn_resolved]
+        tried = [best]
+        for v in alts:
+            s = replace(best.settings, **{knob: v})
+            if knob == "n_ubatch":
+                s = replace(s, n_batch=max(s.n_batch, v))
+            if s in by_settings:
+                tried.append(by_settings[s])
+                continue
+            # The next probe costs about what the incumbent's did (one knob differs).
+            est = best.wall_s / max(len(best.costs), 1)
+            if elapsed() + est > time_budget:
+                skipped.append(f"{knob}={v}")
+                continue
+            by_settings[s] = run(s)
+            tried.append(by_settings[s])
+        winner = _choose(best, [p for p in tried if usable(p)])
+        if winner is not best and winner.cost > best.cost * (1 - RECHECK):
+            est = best.wall_s / max(len(best.costs), 1) + winner.wall_s / len(winner.costs)
+            if elapsed() + est <= time_budget:
+                say(f"  close call on {knob}: measuring both again")
+                run(best.settings, best)
+                run(winner.settings, winner)
+                if usable(winner) and usable(best):
+                    winner = _choose(best, [best, winner])
+        if winner is not best and not faithful(winner.settings):
+            winner.status = "unfaithful"
+            winner.reason = faith_cache[winner.settings.numerics()].reason
+            say(f"  {winner.settings.label()} rejected: {winner.reason}")
+            rest = [p for p in tried if usable(p) and p is not winner]
+            winner = _choose(best, rest) if rest else best
+            if winner is not best and not faithful(winner.settings):
+                winner = best
+        best = winner
+    if not usable(best):
+        raise DoesNotFit(
+            f"no setting of {path.name} at ctx {ctx} measured within the RAM budget",
+            hint="raise --ram, or lower --ctx",
+        )
+    faith = None
+    if best is not defaults_probe:
+        faith = check_faithful(path, best.settings, reference, n_ctx=min(ctx, 512))
+    how = _how(workload, ctx, segments, knobs, unavailable, skipped, ram_budget)
+    result = TuneResult(
+        model=str(path),
+        model_sha256=sha,
+        workload=workload,
+        n_ctx=ctx,
+        device=dev,
+        device_id=device_id(dev),
+        defaults=defaults_probe,
+        best=best,
+        probes=probes,
+        faithfulness=faith,
+        unavailable=unavailable,
+        skipped=skipped,
+        ram_budget_bytes=ram_budget,
+        time_budget_s=time_budget,
+        elapsed_s=elapsed(),
+        how=how,
+    )
+    if save:
+        result.stored_in = str(save_tuning(result))
+    return result
+
+
+def _same_numerics(s: Settings, defaults: Probe) -> bool:
+    """flash_attn "auto" resolved to the same thing as the candidate's explicit value."""
+    fa = defaults.flash_attn_resolved or defaults.settings.flash_attn
+    return (fa, *defaults.settings.numerics()[1:]) == s.numerics()
+
+
+def _choose(incumbent: Probe, probes: list[Probe]) -> Probe:
+    """The cheapest probe; within TIE the incumbent stays unless another needs >5% less
+    memory."""
+    if not probes:
+        return incumbent
+    top = min(probes, key=lambda p: p.cost)
+    if incumbent not in probes:
+        return top
+    if top.cost < incumbent.cost * (1 - TIE):
+        return top
+    close = [p for p in probes if p.cost <= incumbent.cost * (1 + TIE)]
+    lean = min(close, key=lambda p: p.peak_rss_bytes)
+    if lean.peak_rss_bytes < incumbent.peak_rss_bytes * 0.95:
+        return lean
+    return incumbent
+
+
+def _workload_tps(segments: Sequence[Segment], p: Probe) -> float:
+    return sum(s.tokens for s in segments) / p.cost if p.costs else 0.0
+
+
+def _describe(segments: Sequence[Segment]) -> str:
+    parts = []
+    for s in segments:
+        what = "prompt" if s.kind == "pp" else "generated"
+        chunk = f" in chunks of {s.chunk}" if s.kind == "pp" and s.chunk < s.tokens else ""
+        parts.append(f"{s.tokens} {what} tokens{chunk} at depths {s.depth0}-{s.depth1}")
+    return "; ".join(parts)
+
+
+def _how(
+    workload: str,
+    ctx: int,
+    segments: Sequence[Segment],
+    knobs: Sequence[str],
+    unavailable: dict[str, str],
+    skipped: list[str],
+    ram_budget: int | None,
+) -> str:
+    pts = depth_points(segments, ctx)
+    text = (
+        f"Workload {workload} at ctx {ctx}: {_describe(segments)}. Each candidate was loaded "
+        f"and timed at depths {', '.join(map(str, pts)) or '-'} (one prompt chunk and "
+        f"{TG_BLOCK} single-token decodes each; one-chunk prompts timed whole); seconds per "
+        "token were interpolated linearly in depth and averaged over each segment's depths, so "
+        "the cost is the workload's estimated time. Coordinate descent from the defaults over "
+        f"{', '.join(knobs)}; candidates closer than {RECHECK:.0%} were measured again, "
+        f"within {TIE:.0%} the incumbent stayed unless another needed >5% less memory; "
+        f"numerics-changing settings had to keep KL <= {KL_MAX} and top-1 >= {TOP1_MIN:.0%} "
+        "against the defaults."
+    )
+    if ram_budget is not None:
+        text += f" RAM budget {_mib(ram_budget)}: fit's prediction before loading, peak RSS after."
+    for k, why in unavailable.items():
+        text += f" {k}: {why}."
+    if skipped:
+        text += f" Not measured (time budget): {', '.join(skipped)}."
+    return text
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+# --- where tunings live ---------------------------------------------------------------------------
+def config_dir() -> Path:
+    """$ONDEVICE_HOME/config if set (as the store's home), else the user config dir."""
+    env = os.environ.get("ONDEVICE_HOME")
+    if env:
+        return Path(env).expanduser() / "config"
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("ondevice", appauthor=False))
+
+
+def tunings_path() -> Path:
+    return config_dir() / "tunings.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def model_sha256(path: Path) -> str:
+    """The file's sha256, cached by (real path, size, mtime) in the config dir."""
+    from ondevice.store import sha256_file
+
+    real = str(Path(path).resolve())
+    st = os.stat(real)
+    cache_file = config_dir() / "sha256-cache.json"
+    cache = _read_json(cache_file)
+    hit = cache.get(real)
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in key.items()):
+        return str(hit["sha256"])
+    digest = sha256_file(Path(real))
+    cache[real] = {**key, "sha256": digest}
+    try:
+        _write_json(cache_file, cache)
+    except OSError as exc:  # a read-only config dir only costs the next load a re-hash
+        log.warning("could not cache the sha256 of %s: %s", real, exc)
+    return digest
+
+
+@functools.lru_cache(maxsize=1)
+def device_fingerprint() -> dict[str, Any]:
+    """What makes measured settings transferable: CPU, cores, memory size, the llama.cpp build."""
+    import psutil
+
+    from ondevice import backends, engine
+    from ondevice.system import cpu_features, cpu_model, cpu_topology
+
+    topo = cpu_topology()
+    return {
+        "cpu": cpu_model(),
+        "features": cpu_features(),
+        "cores": topo.physical,
+        "performance_cores": topo.n_performance,
+        "logical": topo.logical,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30),
+        "llama_cpp_python": backends.build_info()["version"],
+        "amx_build": engine.amx_compiled(),
+    }
+
+
+def device_id(dev: dict[str, Any] | None = None) -> str:
+    blob = json.dumps(dev or device_fingerprint(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_tuning(result: TuneResult) -> Path:
+    """Store (or replace) the tuning for (device, model sha256, workload)."""
+    path = tunings_path()
+    data = _read_json(path)
+    entries = [
+        e
+        for e in data.get("tunings", [])
+        if isinstance(e, dict)
+        and (e.get("device_id"), e.get("model_sha256"), e.get("workload"))
+        != (result.device_id, result.model_sha256, result.workload)
+    ]
+    f = result.faithfulness
+    segs = workload_segments(result.workload, result.n_ctx)
+    entries.append(
+        {
+            "device_id": result.device_id,
+            "device": result.device,
+            "model_sha256": result.model_sha256,
+            "model_name": Path(result.model).name,
+            "model_path": result.model,
+            "model_bytes": os.path.getsize(result.model),
+            "workload": result.workload,
+            "n_ctx": result.n_ctx,
+            "backend": "CPU",
+            "settings": asdict(result.best.settings),
+            "defaults": asdict(result.defaults.settings),
+            "workload_tps": _workload_tps(segs, result.best),
+            "default_workload_tps": _workload_tps(segs, result.defaults),
+            "speedup": result.speedup,
+            "peak_rss_bytes": result.best.peak_rss_bytes,
+            "default_peak_rss_bytes": result.defaults.peak_rss_bytes,
+            "ram_budget_bytes": result.ram_budget_bytes,
+            "faithfulness": f.to_dict() if f else None,
+            "how": result.how,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
+    _write_json(path, {"format": FORMAT, "tunings": entries})
+    return path
+
+
+def stored(this_device: bool = True) -> list[dict[str, Any]]:
+    """The stored tunings (for this device only by default)."""
+    entries = [e for e in _read_json(tunings_path()).get("tunings", []) if isinstance(e, dict)]
+    if this_device:
+        me = device_id()
+        entries = [e for e in entries if e.get("device_id") == me]
+    return entries
+
+
+def lookup(path: Path, workload: str | None = None) -> dict[str, Any] | None:
+    """The stored tuning for this file on this device: `workload`'s, or (None) chat's, else the
+    newest. Hashes the file only when a tuning for a file of its size exists."""
+    if not tunings_path().exists():
+        return None
+    size = os.path.getsize(path)
+    mine = [e for e in stored() if e.get("model_bytes") == size]
+    if workload is not None:
+        mine = [e for e in mine if e.get("workload") == workload]
+    if not mine:
+        return None
+    sha = model_sha256(path)
+    mine = [e for e in mine if e.get("model_sha256") == sha]
+    if not mine:
+        return None
+    chat = [e for e in mine if e.get("workload") == "chat"]
+    return (chat or sorted(mine, key=lambda e: str(e.get("created"))))[-1]
+
+
+# --- what load() uses -------------------------------------------------------------------------------
+UNTUNED = {
+    "flash_attn": "auto",
+    "repack": True,
+    "use_mmap": True,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "threads": "auto",
+    "kv_type": "f16",
+}
+
+
+def settings_in_force(
+    path: Path, tune: bool | str, backend: str, asked: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """The settings load() uses and where each came from ("argument", "tuned", "default"),
+    plus a note for Stats when a stored tuning is in force.
+
+    `asked` holds load()'s arguments; None (and "auto" for flash_attn and threads) means the
+    caller left the choice to us, which a stored tuning then makes. A tuning measured on the
+    CPU is not applied when a GPU backend is asked for."""
+    if tune not in (True, False) and tune not in WORKLOADS:
+        raise UsageError(
+            f"tune must be True, False or a workload, not {tune!r}",
+            hint=f"workloads: {', '.join(WORKLOADS)}",
+        )
+    entry = None
+    if tune is not False and backend in ("auto", "cpu"):
+        try:
+            entry = lookup(path, None if tune is True else str(tune))
+        except OSError as exc:
+            log.warning("stored tunings unreadable: %s", exc)
+    tuned = entry.get("settings", {}) if entry else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, default in UNTUNED.items():
+        given = asked.get(key)
+        if given is not None and not (key in ("flash_attn", "threads") and given == "auto"):
+            values[key], sources[key] = given, "argument"
+        elif key in tuned:
+            values[key], sources[key] = tuned[key], "tuned"
+        else:
+            values[key], sources[key] = (given if given is not None else default), "default"
+    if sources.get("n_ubatch") == "tuned" and sources.get("n_batch") != "argument":
+        values["n_batch"] = max(values["n_batch"], values["n_ubatch"])
+    note = None
+    if entry:
+        used = [k for k, s in sources.items() if s == "tuned"]
+        note = (
+            f"settings tuned by `ondevice tune` ({entry.get('workload')} workload, ctx "
+            f"{entry.get('n_ctx')}, {str(entry.get('created', ''))[:10]}): "
+            + (", ".join(f"{k}={values[k]}" for k in used) or "none applied")
+            + "; pass tune=False / --no-tune for the defaults"
+        )
+    return values, sources, note
