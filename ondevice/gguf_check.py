@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -156,6 +157,9 @@ _TOKEN_ID_KEYS = tuple(
     + ("cls", "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")
     + ("prefix", "suffix", "middle")
 )
+_NO_TOKENIZER = ("none", "no_vocab", "test")  # no vocabulary, or llama.cpp's test hashing
+_TOKEN_TYPE_BYTE = 6
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Hyperparameters llama.cpp reads for every text model, as `{arch}.<name>`.
 _REQUIRED_ARCH_KEYS = ("block_count", "embedding_length")
 
@@ -587,6 +591,37 @@ def _check_metadata(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> 
                 cur.fail_key(key, f"a token id must be an integer, not {_describe(key, types)}")
             if not 0 <= value < n_tokens:
                 cur.fail_key(key, f"token id {value} is outside the vocabulary of {n_tokens}")
+        _check_tokenizer(cur, md, tokens)
+
+
+def _check_tokenizer(cur: _Cursor, md: dict[str, Any], tokens: list[str]) -> None:
+    """What llama.cpp's tokenizers assume of a vocabulary and abort (or let a C++ exception
+    escape, which terminates the process) at the first tokenize or detokenize when it is not so:
+    a tokenizer at all; "byte" tokens spelled <0xXX>; an SPM vocabulary with a token for every
+    byte (its byte fallback looks them up unchecked)."""
+    model = md.get("tokenizer.ggml.model")
+    if model in _NO_TOKENIZER:
+        cur.fail_key("tokenizer.ggml.model", f"tokenizer model {model!r} can't tokenize text")
+    token_type = md.get("tokenizer.ggml.token_type") or []
+    for i in [i for i, t in enumerate(token_type) if t == _TOKEN_TYPE_BYTE]:
+        if model == "bert" or not _BYTE_TOKEN.fullmatch(tokens[i]):
+            cur.fail_key(
+                "tokenizer.ggml.token_type",
+                f"token #{i} {tokens[i][:20]!r} is typed as a byte but is not spelled <0xXX>",
+            )
+    if model == "llama":
+        have = set(tokens)
+        missing = [
+            b
+            for b in range(256)
+            if f"<0x{b:02X}>" not in have and not (0 < b < 128 and chr(b) in have)
+        ]
+        if missing:
+            cur.fail_key(
+                "tokenizer.ggml.tokens",
+                f"SPM vocabulary without byte tokens for {len(missing)} byte values "
+                f"(first: <0x{missing[0]:02X}>)",
+            )
 
 
 def _describe(key: str, types: dict[str, int]) -> str:

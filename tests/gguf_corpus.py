@@ -664,6 +664,9 @@ def model_cases() -> list[ModelCase]:
     # llama.cpp reads tokens as C strings: these two differ only after a NUL, so it sees them
     # as duplicates.
     nul_tokens[300], nul_tokens[301] = "ab\0x", "ab\0y"
+    # a well-spelled byte token, in a WordPiece vocabulary (which has no byte tokens)
+    byte_tokens, byte_types = tokens[:], tiny_vocab()[2]
+    byte_tokens[300], byte_types[300] = "<0x41>", 6
 
     def kv(key: str, value: Any, vtype: V = V.UINT32) -> TinySpec:
         return TinySpec(kv={key: (value, vtype, None)})
@@ -727,6 +730,40 @@ def model_cases() -> list[ModelCase]:
             "header",
             "abort",
             "expert",
+        ),
+        (
+            "TOKENIZER_NONE",
+            kv("tokenizer.ggml.model", "none", V.STRING),
+            "header",
+            "abort",
+            "tokenizer.ggml.model",
+        ),
+        (
+            "SPM_WITHOUT_BYTE_TOKENS",
+            kv("tokenizer.ggml.model", "llama", V.STRING),
+            "header",
+            "abort",
+            "byte tokens",
+        ),
+        (
+            "BYTE_TOKENS_MISSPELLED",
+            s(kv={"tokenizer.ggml.token_type": ([6] * len(tokens), V.ARRAY, V.INT32)}),
+            "header",
+            "error",
+            "<0xXX>",
+        ),
+        (
+            "BYTE_TOKEN_IN_WORDPIECE",
+            s(
+                tokens=byte_tokens,
+                kv={
+                    "tokenizer.ggml.token_type": (byte_types, V.ARRAY, V.INT32),
+                    "tokenizer.ggml.model": ("bert", V.STRING, None),
+                },
+            ),
+            "header",
+            "abort",
+            "<0xXX>",
         ),
     ]
     return [ModelCase(*row) for row in table]
