@@ -291,7 +291,13 @@ def test_cli_quantize_and_errors(demo_f16_path, demo_path, tmp_path, cli_env):
 
 # --- the quality ladder ----------------------------------------------------------------------
 def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
-    """KL divergence from the F16 file rises from Q8_0 to Q2_K, files shrink, on a short text."""
+    """KL divergence from the F16 file rises from Q8_0 to Q2_K and files shrink, on a short text.
+
+    One known exception: Q5_K_M lands above Q4_K_M. The F16 weights are the Q4_1 model's decoded
+    values, 16 levels per block of 32, which Q4_K (4 bits + min per 32) and Q5_0 fit more closely
+    than Q5_K and Q5_1 (llama.cpp's no-imatrix Q5_1 rounding); benchmarks/RESULTS.md has the
+    per-tensor weight errors. So Q5_K_M is only required to sit between Q6_K and Q3_K_M.
+    """
     text = read_text(TEXT_FILE)
     with demo_model.lock():
         toks = demo_model.engine.tokenize(text, add_special=True, parse_special=False)
@@ -302,10 +308,12 @@ def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
     rows = rep.rows[1:]
     assert [r.type for r in rows] == LADDER
     assert rep.rows[0].type == "F16 (reference)" and rep.rows[0].kl_divergence == 0.0
-    kls = [r.kl_divergence for r in rows]
-    assert kls == sorted(kls) and len(set(kls)) == len(kls), rep.table()
+    kl = {r.type: r.kl_divergence for r in rows}
+    ordered = [kl[t] for t in ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")]
+    assert all(a < b for a, b in zip(ordered, ordered[1:], strict=False)), rep.table()
+    assert kl["Q6_K"] < kl["Q5_K_M"] < kl["Q3_K_M"], rep.table()
     sizes = [r.file_bytes for r in rows]
-    assert sizes == sorted(sizes, reverse=True), rep.table()
+    assert all(a > b for a, b in zip(sizes, sizes[1:], strict=False)), rep.table()
     assert rows[0].perplexity == pytest.approx(rep.rows[0].perplexity, rel=0.02)
     assert rows[0].top1_agreement > rows[-1].top1_agreement
     assert all(r.gen_tps > 0 for r in rep.rows)
