@@ -771,6 +771,15 @@ def model_cases() -> list[ModelCase]:
 
 # --- fuzzing ---------------------------------------------------------------------------------------
 
+# Names llama.cpp gives meaning to: tokenizer models, architectures, pre-tokenizers, rope types.
+NAMES = (
+    "llama bert gpt2 t5 rwkv test none no_vocab plamo2 gemma4 hybriddna whitespace "
+    "phi2 phi3 gemma gemma2 gemma3 qwen2 qwen3 mamba rwkv6 falcon starcoder mpt bloom deci "
+    "default llama3 gpt-2 smollm qwen2 deepseek-llm refact command-r "
+    "linear yarn longrope"
+).split()
+_MEANINGFUL = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre")
+
 
 class Mutator:
     """Seeded random mutations of a valid file's header region, all the same length as the
@@ -788,6 +797,11 @@ class Mutator:
         for f in self.lay.fields:
             self.by_kind.setdefault(f.kind, []).append(f)
         self.kinds = sorted(self.by_kind)
+        self.strings = [
+            (kv.value_at + 8, len(kv.raw) - 8, kv.key.decode(errors="replace"))
+            for kv in lay.kvs
+            if kv.vtype == T_STRING and 0 < len(kv.raw) - 8 <= 64
+        ]
 
     def interesting(self, rng: random.Random, f: Field, current: int | float) -> int | float:
         bits = 8 * f.size
@@ -834,6 +848,18 @@ class Mutator:
     def mutate(self, rng: random.Random) -> tuple[list[tuple[int, bytes]], int, str]:
         """Return (patches [(offset, new bytes)], new file length, description)."""
         roll = rng.random()
+        if roll < 0.1 and self.strings:
+            # A string value replaced by a name llama.cpp knows (same length, so the file's
+            # layout stays): another tokenizer, architecture, pre-tokenizer or rope type.
+            meaningful = [t for t in self.strings if t[2] in _MEANINGFUL or "rope" in t[2]]
+            at, n, label = rng.choice(
+                meaningful if meaningful and rng.random() < 0.7 else self.strings
+            )
+            same = [w for w in NAMES if len(w) == n]
+            word = (
+                rng.choice(same).encode() if same else bytes(rng.choice(b"az_.0") for _ in range(n))
+            )
+            return [(at, word)], self.size, f"string {label!r} := {word[:40]!r}"
         if roll < 0.55:
             kind = rng.choice(self.kinds)
             f = rng.choice(self.by_kind[kind])
