@@ -97,7 +97,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -qq)
 
 # --- 4. the binding, built with Vulkan (a wheel of our own: pip's wheel cache is keyed by the
 # sdist's URL, not by CMAKE_ARGS, so it could hand back a CPU-only build of the same version) ---

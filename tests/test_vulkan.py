@@ -23,6 +23,7 @@ from conftest import PYTHON
 
 import ondevice
 from ondevice import backends
+from ondevice.errors import ModelLoadError
 
 ICD = "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json"
 # ggml-vulkan skips CPU-type devices (lavapipe) unless asked for them by index; must be set
@@ -45,10 +46,9 @@ PROMPT = (
 )
 N_CTX = 256
 
-# Agreement of the next-token distributions, CPU vs Vulkan, over every position of PROMPT.
-# Filled in from measurements: see test_cpu_and_vulkan_agree for the justification.
-MAX_MEAN_KL = 0.05
-MIN_TOP1 = 0.75
+# CPU vs Vulkan may differ by at most this multiple of the difference between two correct CPU
+# kernels (flash attention off vs on) on the same prompt; see test_cpu_and_vulkan_agree.
+KL_FACTOR = 3.0
 MIN_TOP5_OVERLAP = 0.8
 
 
@@ -159,15 +159,34 @@ def all_logits(model: ondevice.Model, tokens: list[int]) -> np.ndarray:
     return out
 
 
-def test_cpu_and_vulkan_agree_within_tolerance(cpu_model, vulkan_model):
+def test_cpu_and_vulkan_agree_within_tolerance(cpu_model, vulkan_model, demo_path):
+    """Backends run different kernels (Vulkan shaders accumulate in other orders and precisions),
+    so identical text is not the bar. The yardstick is measured on the spot: the difference
+    between two correct CPU kernels for the same model, flash attention off vs on. Vulkan must
+    stay within KL_FACTOR times that floor in mean KL divergence of the next-token
+    distributions, every top-1 disagreement must be a near-tie (the CPU's top-2 margin smaller
+    than the largest logit difference the two CPU kernels show), and the top-5 sets must mostly
+    agree (near-ties at rank 5/6 swap). A broken kernel gives a mean KL of the order of 1 nat
+    and a top-1 agreement near 0, orders of magnitude outside these bounds.
+    """
     tokens = cpu_model.tokenize(PROMPT)
     assert tokens == vulkan_model.tokenize(PROMPT)
     cpu, vk = all_logits(cpu_model, tokens), all_logits(vulkan_model, tokens)
+    with ondevice.load(demo_path, backend="cpu", n_ctx=N_CTX, threads=2, flash_attn="off") as a:
+        fa_off = all_logits(a, tokens)
+    with ondevice.load(demo_path, backend="cpu", n_ctx=N_CTX, threads=2, flash_attn="on") as b:
+        fa_on = all_logits(b, tokens)
+    floor = agreement(fa_off, fa_on)
     stats = agreement(cpu, vk)
-    print(f"\nCPU vs Vulkan (lavapipe), {len(tokens)} positions: {stats}")
+    print(f"\nCPU flash-attn off vs on, {len(tokens)} positions: {floor}")
+    print(f"CPU vs Vulkan (lavapipe), {len(tokens)} positions: {stats}")
     assert np.isfinite(vk).all()
-    assert stats["mean_kl"] <= MAX_MEAN_KL, stats
-    assert stats["top1"] >= MIN_TOP1, stats
+    assert floor["mean_kl"] > 0  # the two CPU kernels differ, so the yardstick is real
+    assert stats["mean_kl"] <= KL_FACTOR * floor["mean_kl"], (stats, floor)
+    lp = log_softmax(cpu)
+    for pos in np.nonzero(cpu.argmax(-1) != vk.argmax(-1))[0]:
+        margin = lp[pos, cpu[pos].argmax()] - lp[pos, vk[pos].argmax()]
+        assert margin < floor["max_abs_diff"], (pos, margin, stats)
     assert stats["top5_overlap"] >= MIN_TOP5_OVERLAP, stats
 
 
@@ -187,16 +206,28 @@ def test_hidden_device_falls_back_to_the_cpu_with_a_note(tmp_path):
     assert strict.stderr.startswith("error: vulkan is compiled in but finds no usable device")
 
 
-def test_a_failed_gpu_load_falls_back_to_the_cpu(tmp_path):
-    # A real allocation failure: the device may allocate at most 1 MiB per buffer, less than
-    # the demo model's output tensor, so llama.cpp cannot load the model onto it.
-    env = cli_env(tmp_path, GGML_VK_FORCE_MAX_ALLOCATION_SIZE=str(1 << 20))
-    args = ("run", "demo", "The capital of France is", "--backend", "vulkan", "-n", "2")
-    out = run_cli(*args, "--temperature", "0", "--json", env=env)
-    assert out.returncode == 0, out.stderr
-    stats = json.loads(out.stdout)["stats"]
-    assert stats["backend"] == "CPU"
-    assert any("failed" in n and "CPU instead" in n for n in stats["notes"]), stats
-    strict = run_cli(*args, "--no-fallback", env=env)
-    assert strict.returncode == 1 and "Traceback" not in strict.stderr
-    assert strict.stderr.startswith("error: loading on Vulkan0")
+def test_a_failed_gpu_load_falls_back_to_the_cpu(demo_path, monkeypatch):
+    # lavapipe never runs out of "device" memory (it is host memory, and it does not enforce
+    # its 2 GiB heap: a 65536-token context loads), so the GPU's refusal is faked at the C
+    # boundary: llama.cpp's loader returns NULL when asked to offload, as it does on a real
+    # out-of-memory or driver error. Everything else is real, the CPU retry included.
+    import llama_cpp.llama_cpp as L
+
+    real = L.llama_model_load_from_file
+    offload_requests = []
+
+    def refuse_offload(path, params):
+        offload_requests.append(params.n_gpu_layers)
+        return None if params.n_gpu_layers != 0 else real(path, params)
+
+    monkeypatch.setattr(L, "llama_model_load_from_file", refuse_offload)
+    lavapipe()
+    with ondevice.load(demo_path, backend="vulkan", n_ctx=64, threads=2) as m:
+        assert offload_requests == [-1, 0]  # tried the GPU, then the CPU
+        assert m.backend == "CPU" and not m.placement.on_gpu
+        note = next(n for n in m.notes if "ran on the CPU instead" in n)
+        assert note.startswith("loading on Vulkan0 (llvmpipe")
+        stats = m.generate("The capital of France is", max_tokens=2, temperature=0).stats
+        assert note in stats.notes and stats.backend == "CPU"
+    with pytest.raises(ModelLoadError, match="loading on Vulkan0 .* failed"):
+        ondevice.load(demo_path, backend="vulkan", n_ctx=64, threads=2, no_fallback=True)
