@@ -5,7 +5,8 @@ GGUF: seeded random mutations of a valid model's header region (tests/gguf_corpu
 a numeric field set to an interesting value, bytes flipped or overwritten, the file cut short).
 For every case `ondevice info` and `ondevice run` run in subprocesses and must end with exit
 status 0 (a correct result) or 1 (one `error:` line), never a signal death or a traceback, each
-within 5 s. The mutated file is the whole model, patched in place on a working copy and restored
+within 5 s of CPU time (RLIMIT_CPU; wall-clock time on this shared machine measures the other
+tenants). The mutated file is the whole model, patched in place on a working copy and restored
 after the case, so a valid mutation still loads and generates. The default run takes 30 cases
 (26 on the tiny llama, 4 on the demo model); the slow one 520 (400 + 120).
 """
@@ -16,6 +17,8 @@ import json
 import os
 import pickle
 import random
+import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -41,7 +44,8 @@ from ondevice.errors import (
 from ondevice.gguf_check import read_header
 
 PYTHON = sys.executable
-CASE_TIMEOUT_S = 5.0
+CASE_CPU_S = 5.0  # per command: the issue's "each case within 5 s"
+CASE_WALL_S = 120.0
 PROMPT = "The capital of France is"
 
 
@@ -69,22 +73,29 @@ def _commands(path: Path) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def _limit_cpu() -> None:
+    # 5 s of CPU time per command, enforced by the kernel (SIGXCPU): the bound holds however
+    # busy the shared machine is, where a wall-clock limit would measure the other tenants.
+    resource.setrlimit(resource.RLIMIT_CPU, (int(CASE_CPU_S), int(CASE_CPU_S) + 1))
+
+
 def _run_once(args: list[str], env: dict[str, str]) -> tuple[int | str, float, str]:
-    # A timed-out case gets one more try: the machine is shared and noisy, a hang is not.
-    for _ in range(2):
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [PYTHON, "-m", "ondevice", *args],
-                capture_output=True,
-                text=True,
-                timeout=CASE_TIMEOUT_S,
-                env=env,
-            )
-        except subprocess.TimeoutExpired:
-            continue
-        return proc.returncode, time.perf_counter() - t0, proc.stderr[-1500:]
-    return "timeout", 2 * CASE_TIMEOUT_S, ""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [PYTHON, "-m", "ondevice", *args],
+            capture_output=True,
+            text=True,
+            timeout=CASE_WALL_S,  # a hang that burns no CPU (a deadlock)
+            env=env,
+            preexec_fn=_limit_cpu,
+        )
+    except subprocess.TimeoutExpired:
+        return "wall-clock timeout", CASE_WALL_S, ""
+    rc: int | str = proc.returncode
+    if rc == -signal.SIGXCPU:
+        rc = f"more than {CASE_CPU_S:g} s of CPU"
+    return rc, time.perf_counter() - t0, proc.stderr[-1500:]
 
 
 def fuzz(source: Path, seeds: list[int], workdir: Path, env: dict[str, str], workers: int = 2):
@@ -140,10 +151,10 @@ def summary(label: str, outcomes: list[Outcome]) -> str:
     counts: dict[str, int] = {}
     for o in outcomes:
         for name, (rc, _, _) in o.results.items():
-            kind = {0: "ok", 1: "clean error"}.get(rc, "CRASH") if rc != "timeout" else "timeout"
+            kind = {0: "ok", 1: "clean error"}.get(rc, "CRASH") if isinstance(rc, int) else rc
             counts[f"{name} {kind}"] = counts.get(f"{name} {kind}", 0) + 1
     slowest = max((s for o in outcomes for _, s, _ in o.results.values()), default=0.0)
-    return f"{label}: {len(outcomes)} cases, {json.dumps(counts)}, slowest {slowest:.2f} s"
+    return f"{label}: {len(outcomes)} cases, {json.dumps(counts)}, slowest {slowest:.2f} s wall"
 
 
 @pytest.mark.parametrize(
@@ -160,7 +171,8 @@ def test_mutated_gguf_never_crashes_the_cli(source, seeds, tiny, demo_path, tmp_
     outcomes = fuzz(path, list(seeds), tmp_path, cli_env)
     print(summary(f"fuzz {source}", outcomes))
     assert len(outcomes) == len(seeds)
-    assert problems_of(outcomes) == []
+    problems = problems_of(outcomes)
+    assert not problems, "\n".join(problems)
 
 
 def test_mutator_is_seeded_and_reaches_every_field_kind(tiny):
