@@ -231,3 +231,16 @@ def test_a_failed_gpu_load_falls_back_to_the_cpu(demo_path, monkeypatch):
         assert note in stats.notes and stats.backend == "CPU"
     with pytest.raises(ModelLoadError, match="loading on Vulkan0 .* failed"):
         ondevice.load(demo_path, backend="vulkan", n_ctx=64, threads=2, no_fallback=True)
+
+
+def test_a_cancelled_gpu_load_is_not_retried_on_the_cpu(demo_path):
+    calls: list[float] = []
+
+    def stop(fraction: float) -> bool:
+        calls.append(fraction)
+        return False  # cancel
+
+    lavapipe()
+    with pytest.raises(ModelLoadError):
+        ondevice.load(demo_path, backend="vulkan", n_ctx=64, threads=2, on_progress=stop)
+    assert len(calls) == 1  # one load, cancelled; no second attempt on the CPU
