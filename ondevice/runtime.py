@@ -569,7 +569,7 @@ def load(
     t0 = time.perf_counter()
     path = models.resolve(model)
     header = read_header(path)
-    from ondevice import tune as tuning
+    from ondevice import tune_store as tuning
 
     asked = {"flash_attn": flash_attn, "repack": repack, "use_mmap": use_mmap}
     asked.update(n_batch=n_batch, n_ubatch=n_ubatch, threads=threads, kv_type=kv_type)
@@ -628,12 +628,16 @@ def load(
     )
     stats.reset_peak_rss()
     progress = None
+    cancelled: list[bool] = []  # a cancelled load is not a GPU failure: no CPU retry
     if on_progress is not None:
 
         def progress(value: float) -> bool:
             try:
                 # Returning False (not None) from on_progress cancels the load.
-                return on_progress(value) is not False
+                go_on = on_progress(value) is not False
+                if not go_on:
+                    cancelled.append(True)
+                return go_on
             except Exception:  # noqa: BLE001 - a UI callback must not abort the load
                 log.exception("on_progress callback failed")
             return True
@@ -641,7 +645,7 @@ def load(
     try:
         eng = engine.Engine(str(path), config, progress)
     except OndeviceError as exc:
-        if not placement.on_gpu:
+        if not placement.on_gpu or cancelled:
             raise
         if no_fallback:
             raise ModelLoadError(

@@ -33,9 +33,6 @@ work happens. So we measure instead of guessing:
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -48,11 +45,16 @@ from pathlib import Path
 from typing import Any
 
 from ondevice.errors import DoesNotFit, OndeviceError, UsageError
+from ondevice.tune_store import (
+    WORKLOADS,
+    device_fingerprint,
+    device_id,
+    model_sha256,
+    save_tuning,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-WORKLOADS = ("chat", "long-prompt", "short")
 # In order of expected effect: on a busy or small machine the thread count decides most.
 KNOBS = ("threads", "flash_attn", "repack", "kv_type", "n_ubatch", "use_mmap")
 # Re-measure when two candidates are closer than this (the shared machine's noise is ~10%).
@@ -413,8 +415,38 @@ class TuneResult:
     stored_in: str = ""
 
     @property
-    def speedup(self) -> float:
-        return self.defaults.cost / self.best.cost if self.best.costs else 0.0
+    def speedup(self) -> float | None:
+        """Defaults' workload time over the chosen settings'; None when the defaults were not
+        measured (over the RAM budget, or they failed)."""
+        if not (self.best.costs and self.defaults.costs and self.defaults.status == "ok"):
+            return None
+        return self.defaults.cost / self.best.cost
+
+    def entry(self) -> dict[str, Any]:
+        """What tunings.json keeps of this result."""
+        segs = workload_segments(self.workload, self.n_ctx)
+        f = self.faithfulness
+        return {
+            "device_id": self.device_id,
+            "device": self.device,
+            "model_sha256": self.model_sha256,
+            "model_name": Path(self.model).name,
+            "model_path": self.model,
+            "model_bytes": os.path.getsize(self.model),
+            "workload": self.workload,
+            "n_ctx": self.n_ctx,
+            "backend": "CPU",
+            "settings": asdict(self.best.settings),
+            "defaults": asdict(self.defaults.settings),
+            "workload_tps": _workload_tps(segs, self.best),
+            "default_workload_tps": _workload_tps(segs, self.defaults),
+            "speedup": self.speedup,
+            "peak_rss_bytes": self.best.peak_rss_bytes,
+            "default_peak_rss_bytes": self.defaults.peak_rss_bytes,
+            "ram_budget_bytes": self.ram_budget_bytes,
+            "faithfulness": f.to_dict() if f else None,
+            "how": self.how,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -595,8 +627,10 @@ def tune(
             hint="raise --ram, or lower --ctx",
         )
     faith = None
-    if best is not defaults_probe:
-        faith = check_faithful(path, best.settings, reference, n_ctx=min(ctx, 512))
+    if best is not defaults_probe:  # reported even when only speed knobs changed
+        faith = faith_cache.get(best.settings.numerics()) or check_faithful(
+            path, best.settings, reference, n_ctx=min(ctx, 512)
+        )
     how = _how(workload, ctx, segments, knobs, unavailable, skipped, ram_budget)
     result = TuneResult(
         model=str(path),
@@ -617,7 +651,7 @@ def tune(
         how=how,
     )
     if save:
-        result.stored_in = str(save_tuning(result))
+        result.stored_in = str(save_tuning(result.entry()))
     return result
 
 
@@ -666,13 +700,19 @@ def _how(
     skipped: list[str],
     ram_budget: int | None,
 ) -> str:
-    pts = depth_points(segments, ctx)
+    whole = [s for s in segments if s.kind == "pp" and s.chunk >= s.tokens]
+    pts = sorted({s.depth1 for s in whole} | set(depth_points(segments, ctx)))
     text = (
         f"Workload {workload} at ctx {ctx}: {_describe(segments)}. Each candidate was loaded "
-        f"and timed at depths {', '.join(map(str, pts)) or '-'} (one prompt chunk and "
-        f"{TG_BLOCK} single-token decodes each; one-chunk prompts timed whole); seconds per "
-        "token were interpolated linearly in depth and averaged over each segment's depths, so "
-        "the cost is the workload's estimated time. Coordinate descent from the defaults over "
+        + (
+            f"and its {len(whole)} one-chunk prompt(s) timed whole from an empty cache, "
+            if whole
+            else ""
+        )
+        + f"and timed at depths {', '.join(map(str, pts))} (a prompt chunk where the workload "
+        f"has chunked prompts, and {TG_BLOCK} single-token decodes); seconds per token were "
+        "interpolated linearly in depth and averaged over each segment's depths, so the cost "
+        "is the workload's estimated time. Coordinate descent from the defaults over "
         f"{', '.join(knobs)}; candidates closer than {RECHECK:.0%} were measured again, "
         f"within {TIE:.0%} the incumbent stayed unless another needed >5% less memory; "
         f"numerics-changing settings had to keep KL <= {KL_MAX} and top-1 >= {TOP1_MIN:.0%} "
@@ -689,206 +729,3 @@ def _how(
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
-
-
-# --- where tunings live ---------------------------------------------------------------------------
-def config_dir() -> Path:
-    """$ONDEVICE_HOME/config if set (as the store's home), else the user config dir."""
-    env = os.environ.get("ONDEVICE_HOME")
-    if env:
-        return Path(env).expanduser() / "config"
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("ondevice", appauthor=False))
-
-
-def tunings_path() -> Path:
-    return config_dir() / "tunings.json"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-
-
-def model_sha256(path: Path) -> str:
-    """The file's sha256, cached by (real path, size, mtime) in the config dir."""
-    from ondevice.store import sha256_file
-
-    real = str(Path(path).resolve())
-    st = os.stat(real)
-    cache_file = config_dir() / "sha256-cache.json"
-    cache = _read_json(cache_file)
-    hit = cache.get(real)
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in key.items()):
-        return str(hit["sha256"])
-    digest = sha256_file(Path(real))
-    cache[real] = {**key, "sha256": digest}
-    try:
-        _write_json(cache_file, cache)
-    except OSError as exc:  # a read-only config dir only costs the next load a re-hash
-        log.warning("could not cache the sha256 of %s: %s", real, exc)
-    return digest
-
-
-@functools.lru_cache(maxsize=1)
-def device_fingerprint() -> dict[str, Any]:
-    """What makes measured settings transferable: CPU, cores, memory size, the llama.cpp build."""
-    import psutil
-
-    from ondevice import backends, engine
-    from ondevice.system import cpu_features, cpu_model, cpu_topology
-
-    topo = cpu_topology()
-    return {
-        "cpu": cpu_model(),
-        "features": cpu_features(),
-        "cores": topo.physical,
-        "performance_cores": topo.n_performance,
-        "logical": topo.logical,
-        "ram_gib": round(psutil.virtual_memory().total / 2**30),
-        "llama_cpp_python": backends.build_info()["version"],
-        "amx_build": engine.amx_compiled(),
-    }
-
-
-def device_id(dev: dict[str, Any] | None = None) -> str:
-    blob = json.dumps(dev or device_fingerprint(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def save_tuning(result: TuneResult) -> Path:
-    """Store (or replace) the tuning for (device, model sha256, workload)."""
-    path = tunings_path()
-    data = _read_json(path)
-    entries = [
-        e
-        for e in data.get("tunings", [])
-        if isinstance(e, dict)
-        and (e.get("device_id"), e.get("model_sha256"), e.get("workload"))
-        != (result.device_id, result.model_sha256, result.workload)
-    ]
-    f = result.faithfulness
-    segs = workload_segments(result.workload, result.n_ctx)
-    entries.append(
-        {
-            "device_id": result.device_id,
-            "device": result.device,
-            "model_sha256": result.model_sha256,
-            "model_name": Path(result.model).name,
-            "model_path": result.model,
-            "model_bytes": os.path.getsize(result.model),
-            "workload": result.workload,
-            "n_ctx": result.n_ctx,
-            "backend": "CPU",
-            "settings": asdict(result.best.settings),
-            "defaults": asdict(result.defaults.settings),
-            "workload_tps": _workload_tps(segs, result.best),
-            "default_workload_tps": _workload_tps(segs, result.defaults),
-            "speedup": result.speedup,
-            "peak_rss_bytes": result.best.peak_rss_bytes,
-            "default_peak_rss_bytes": result.defaults.peak_rss_bytes,
-            "ram_budget_bytes": result.ram_budget_bytes,
-            "faithfulness": f.to_dict() if f else None,
-            "how": result.how,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-    )
-    _write_json(path, {"format": FORMAT, "tunings": entries})
-    return path
-
-
-def stored(this_device: bool = True) -> list[dict[str, Any]]:
-    """The stored tunings (for this device only by default)."""
-    entries = [e for e in _read_json(tunings_path()).get("tunings", []) if isinstance(e, dict)]
-    if this_device:
-        me = device_id()
-        entries = [e for e in entries if e.get("device_id") == me]
-    return entries
-
-
-def lookup(path: Path, workload: str | None = None) -> dict[str, Any] | None:
-    """The stored tuning for this file on this device: `workload`'s, or (None) chat's, else the
-    newest. Hashes the file only when a tuning for a file of its size exists."""
-    if not tunings_path().exists():
-        return None
-    size = os.path.getsize(path)
-    mine = [e for e in stored() if e.get("model_bytes") == size]
-    if workload is not None:
-        mine = [e for e in mine if e.get("workload") == workload]
-    if not mine:
-        return None
-    sha = model_sha256(path)
-    mine = [e for e in mine if e.get("model_sha256") == sha]
-    if not mine:
-        return None
-    chat = [e for e in mine if e.get("workload") == "chat"]
-    return (chat or sorted(mine, key=lambda e: str(e.get("created"))))[-1]
-
-
-# --- what load() uses -------------------------------------------------------------------------------
-UNTUNED = {
-    "flash_attn": "auto",
-    "repack": True,
-    "use_mmap": True,
-    "n_batch": 2048,
-    "n_ubatch": 512,
-    "threads": "auto",
-    "kv_type": "f16",
-}
-
-
-def settings_in_force(
-    path: Path, tune: bool | str, backend: str, asked: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, str], str | None]:
-    """The settings load() uses and where each came from ("argument", "tuned", "default"),
-    plus a note for Stats when a stored tuning is in force.
-
-    `asked` holds load()'s arguments; None (and "auto" for flash_attn and threads) means the
-    caller left the choice to us, which a stored tuning then makes. A tuning measured on the
-    CPU is not applied when a GPU backend is asked for."""
-    if tune not in (True, False) and tune not in WORKLOADS:
-        raise UsageError(
-            f"tune must be True, False or a workload, not {tune!r}",
-            hint=f"workloads: {', '.join(WORKLOADS)}",
-        )
-    entry = None
-    if tune is not False and backend in ("auto", "cpu"):
-        try:
-            entry = lookup(path, None if tune is True else str(tune))
-        except OSError as exc:
-            log.warning("stored tunings unreadable: %s", exc)
-    tuned = entry.get("settings", {}) if entry else {}
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for key, default in UNTUNED.items():
-        given = asked.get(key)
-        if given is not None and not (key in ("flash_attn", "threads") and given == "auto"):
-            values[key], sources[key] = given, "argument"
-        elif key in tuned:
-            values[key], sources[key] = tuned[key], "tuned"
-        else:
-            values[key], sources[key] = (given if given is not None else default), "default"
-    if sources.get("n_ubatch") == "tuned" and sources.get("n_batch") != "argument":
-        values["n_batch"] = max(values["n_batch"], values["n_ubatch"])
-    note = None
-    if entry:
-        used = [k for k, s in sources.items() if s == "tuned"]
-        note = (
-            f"settings tuned by `ondevice tune` ({entry.get('workload')} workload, ctx "
-            f"{entry.get('n_ctx')}, {str(entry.get('created', ''))[:10]}): "
-            + (", ".join(f"{k}={values[k]}" for k in used) or "none applied")
-            + "; pass tune=False / --no-tune for the defaults"
-        )
-    return values, sources, note

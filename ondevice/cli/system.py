@@ -14,7 +14,7 @@ from ondevice.cli.options import mib
 def system(as_json: bool) -> None:
     """Show the CPU (model, features, performance/efficiency cores), RAM, and the installed
     llama.cpp: version, compiled backends and the devices it can run on."""
-    from ondevice import tune
+    from ondevice import tune_store as tune
     from ondevice.system import system_info
 
     info = system_info()
@@ -59,10 +59,11 @@ def system(as_json: bool) -> None:
         s = e.get("settings", {})
         f = e.get("faithfulness") or {}
         faith = f", KL {f['kl_mean']:.1e}, top-1 {f['top1']:.0%}" if "kl_mean" in f else ""
+        gain = f"{e['speedup']:.2f}x the defaults" if e.get("speedup") else "defaults unmeasured"
         click.echo(
             f"  {e.get('model_name')} (sha256 {str(e.get('model_sha256'))[:12]}) "
             f"{e.get('workload')} ctx {e.get('n_ctx')}: fa={s.get('flash_attn')} "
             f"repack={s.get('repack')} mmap={s.get('use_mmap')} ub={s.get('n_ubatch')} "
-            f"t={s.get('threads')} kv={s.get('kv_type')}; {e.get('speedup', 0):.2f}x the "
-            f"defaults{faith}; {str(e.get('created', ''))[:10]}"
+            f"t={s.get('threads')} kv={s.get('kv_type')}; {gain}{faith}; "
+            f"{str(e.get('created', ''))[:10]}"
         )

@@ -22,24 +22,29 @@ def report(r: tune_lib.TuneResult) -> str:
         f"Tuned {r.model} for the {r.workload} workload at ctx {r.n_ctx} on {r.device['cpu']} "
         f"(device {r.device_id}) in {r.elapsed_s:.0f} s.",
         "",
-        f"{'candidate':<46} {'workload':>9}  {'peak RSS':>9}  pp tok/s @ depth; tg tok/s @ depth",
+        f"{'candidate':<56} {'tok/s':>9}  {'peak RSS':>9}  "
+        "pp tok/s (tokens@depth); tg tok/s (depth)",
     ]
     for p in r.probes:
         mark = " (defaults)" if p is r.defaults else " (chosen)" if p is r.best else ""
-        tps = tune_lib._workload_tps(segs, p)
+        tps = f"{tune_lib._workload_tps(segs, p):.1f}" if p.costs else "-"
+        rss = f"{p.peak_rss_bytes / mib:.0f} MiB" if p.peak_rss_bytes else "-"
         status = "" if p.status == "ok" else f"  [{p.status}: {p.reason}]"
         runs = f" x{len(p.costs)}" if len(p.costs) > 1 else ""
         lines.append(
-            f"{p.settings.label() + mark:<46} {tps:>9.1f}  {p.peak_rss_bytes / mib:>5.0f} MiB  "
+            f"{p.settings.label() + mark:<56} {tps:>9}  {rss:>9}  "
             f"{_rates(p.pp)}; {_rates(p.tg)}{runs}{status}"
         )
     d, b = r.defaults, r.best
-    lines += [
-        "",
-        f"Chosen: {b.settings.label()}: {r.speedup:.2f}x the defaults' workload speed "
-        f"({tune_lib._workload_tps(segs, b):.1f} vs {tune_lib._workload_tps(segs, d):.1f} tok/s), "
-        f"peak RSS {b.peak_rss_bytes / mib:.0f} vs {d.peak_rss_bytes / mib:.0f} MiB.",
-    ]
+    if r.speedup is None:
+        vs = f"the defaults were not measured ({d.status}: {d.reason})"
+    else:
+        vs = (
+            f"{r.speedup:.2f}x the defaults' workload speed ({tune_lib._workload_tps(segs, b):.1f}"
+            f" vs {tune_lib._workload_tps(segs, d):.1f} tok/s), peak RSS "
+            f"{b.peak_rss_bytes / mib:.0f} vs {d.peak_rss_bytes / mib:.0f} MiB"
+        )
+    lines += ["", f"Chosen: {b.settings.label()}: {vs}."]
     f = r.faithfulness
     if f is not None:
         lines.append(
