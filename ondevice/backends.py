@@ -44,7 +44,11 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 # Shared libraries that llama-cpp-python installs per compiled-in backend (libggml-<x>.so).
 _LIBRARY_NAMES = {"metal": "metal", "vulkan": "vulkan", "cuda": "cuda"}
 
-_REINSTALL_FLAGS = {"metal": "-DGGML_METAL=on", "vulkan": "-DGGML_VULKAN=on", "cuda": "-DGGML_CUDA=on"}
+_REINSTALL_FLAGS = {
+    "metal": "-DGGML_METAL=on",
+    "vulkan": "-DGGML_VULKAN=on",
+    "cuda": "-DGGML_CUDA=on",
+}
 REINSTALL = {
     family: f'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir llama-cpp-python'
     for family, flag in _REINSTALL_FLAGS.items()
@@ -274,7 +278,7 @@ def _gpus(p: Probe, family: str | None = None) -> list[Device]:
 
 
 def parse_backend(backend: str) -> tuple[str, int | None]:
-    """"vulkan:1" -> ("vulkan", 1); "auto" -> ("auto", None). UsageError on nonsense."""
+    """Parse `vulkan:1` into ("vulkan", 1) and `auto` into ("auto", None); UsageError on nonsense."""
     want = str(backend).lower().strip()
     family, sep, index = want.partition(":")
     if family not in ("auto", "cpu", *FAMILIES) or (sep and family in ("auto", "cpu")):
