@@ -40,13 +40,17 @@ def text() -> str:
 
 
 @pytest.fixture(scope="module")
-def short_text_file(tmp_path_factory, demo_model, text) -> Path:
+def short_text(demo_model, text) -> str:
     """The start of the test text: CHUNKS windows of CTX tokens and a bit (keeps tests fast)."""
     with demo_model.lock():
         toks = demo_model.engine.tokenize(text, add_special=True, parse_special=False)
-        cut = demo_model.engine.detokenize(toks[: CHUNKS * CTX + 10])
+        return demo_model.engine.detokenize(toks[: CHUNKS * CTX + 10])
+
+
+@pytest.fixture(scope="module")
+def short_text_file(tmp_path_factory, short_text) -> Path:
     path = tmp_path_factory.mktemp("ppl") / "short.txt"
-    path.write_text(cut + "\n", encoding="utf-8")
+    path.write_text(short_text + "\n", encoding="utf-8")
     return path
 
 
@@ -85,9 +89,9 @@ def test_log_softmax_matches_definition():
     assert np.allclose(ls[0], x[0] - np.log(np.exp(x[0]).sum()))
 
 
-def test_model_against_itself_has_zero_divergence(demo_path, text):
-    ref = ReferenceLogits(demo_path, text, ctx=CTX, threads=2)
-    res = evaluate(demo_path, text, ctx=CTX, reference=ref, threads=2, max_chunks=3)
+def test_model_against_itself_has_zero_divergence(demo_path, short_text):
+    ref = ReferenceLogits(demo_path, short_text, ctx=CTX, threads=2)
+    res = evaluate(demo_path, short_text, ctx=CTX, reference=ref, threads=2, max_chunks=3)
     assert res.kl_divergence == pytest.approx(0.0, abs=1e-6)
     assert res.top1_agreement == 1.0
 
@@ -128,10 +132,12 @@ def test_cli_text_too_short(demo_path, tmp_path, cli_env):
     assert "Traceback" not in proc.stderr
 
 
-def test_reference_with_other_vocabulary_is_refused(demo_path, text, tmp_path):
-    ref = ReferenceLogits(demo_path, text, ctx=CTX, threads=2)
+def test_reference_logits_of_another_text_are_refused(demo_model, short_text):
+    ref = ReferenceLogits(demo_model, short_text, ctx=CTX)
     with pytest.raises(UsageError, match="another text or ctx"):
-        evaluate(demo_path, text[: len(text) // 2], ctx=CTX, reference=ref, threads=2)
+        evaluate(demo_model, short_text[:-200], ctx=CTX, reference=ref)
+    with pytest.raises(UsageError, match="another text or ctx"):
+        evaluate(demo_model, short_text, ctx=CTX // 2, reference=ref)
 
 
 @pytest.mark.skipif(_llama_perplexity() is None, reason="llama-perplexity not built")

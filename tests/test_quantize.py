@@ -107,7 +107,7 @@ def test_dequantize_copies_metadata_and_values(demo_path, demo_f16_path):
     tb = next(t for t in b.tensors if t.name == "blk.3.attn_q.weight")
     want = dequantize(ta.data, ta.tensor_type).astype(np.float16)
     assert np.array_equal(np.asarray(tb.data).reshape(want.shape), want)
-    assert _greedy(demo_f16_path) == " Paris."
+    assert _greedy(demo_f16_path).startswith(" Paris")
 
 
 # --- quantize ----------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_quantize_q8_0_makes_a_working_model(q8_path):
     h = read_header(q8_path)
     assert h.metadata["general.file_type"] == 7  # MOSTLY_Q8_0
     assert {t.type_name for t in h.tensors if len(t.shape) == 2} == {"Q8_0"}
-    assert _greedy(q8_path) == " Paris."
+    assert _greedy(q8_path).startswith(" Paris")
 
 
 def test_estimate_is_generous_but_not_wild(demo_f16_path, q8_path):
@@ -176,16 +176,24 @@ def _write_legacy_imatrix(path: Path, model: Path) -> None:
 def test_imatrix_is_passed_to_the_engine(demo_f16_path, tmp_path):
     imat = tmp_path / "ones.dat"
     _write_legacy_imatrix(imat, demo_f16_path)
-    res = quantize(demo_f16_path, tmp_path / "iq4.gguf", "IQ4_XS", imatrix=imat, threads=2)
-    md = read_header(res.path).metadata
+    with_imat = quantize(demo_f16_path, tmp_path / "a.gguf", "Q4_0", imatrix=imat, threads=2)
+    without = quantize(demo_f16_path, tmp_path / "b.gguf", "Q4_0", threads=2)
+    md = read_header(with_imat.path).metadata
     assert md["quantize.imatrix.file"] == str(imat)
     assert md["quantize.imatrix.entries_count"] == len(
         [t for t in read_header(demo_f16_path).tensors if len(t.shape) == 2]
     )
+    assert "quantize.imatrix.file" not in read_header(without.path).metadata
+    # llama.cpp quantizes Q4_0 with its weighted search when it has an imatrix: other bytes.
+    a, b = (
+        next(t for t in GGUFReader(p).tensors if t.name == "blk.0.attn_q.weight")
+        for p in (with_imat.path, without.path)
+    )
+    assert not np.array_equal(np.asarray(a.data), np.asarray(b.data))
     broken = tmp_path / "broken.dat"
     broken.write_bytes(imat.read_bytes()[:100])
     with pytest.raises(QuantizeError, match="not a readable importance matrix"):
-        quantize(demo_f16_path, tmp_path / "x.gguf", "IQ4_XS", imatrix=broken)
+        quantize(demo_f16_path, tmp_path / "x.gguf", "Q4_0", imatrix=broken)
 
 
 def test_not_enough_disk_space(demo_f16_path, tmp_path, monkeypatch):
@@ -301,7 +309,7 @@ def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
     text = read_text(TEXT_FILE)
     with demo_model.lock():
         toks = demo_model.engine.tokenize(text, add_special=True, parse_special=False)
-        text = demo_model.engine.detokenize(toks[: 12 * 64 + 8])
+        text = demo_model.engine.detokenize(toks[: 10 * 64 + 8])
     rep = quality_ladder(
         demo_f16_path, text, LADDER, ctx=64, threads=2, gen_tokens=8, keep_dir=tmp_path
     )
