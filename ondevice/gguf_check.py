@@ -42,7 +42,8 @@ MAX_KEY_BYTES = 65535  # the spec's limit; real keys are < 100 bytes
 # Bounds that keep parsing a hostile file within time and memory (each element becomes a Python
 # object of ~30-60 bytes). Real models stay far below: the largest vocabularies have ~260k tokens,
 # so tokens + scores + types + merges stay under ~1.5 M elements, and ~1k tensors.
-MAX_ARRAY_LEN = 1 << 21  # elements in one metadata array
+MAX_ARRAY_LEN = 1 << 21  # elements in one tokenizer.* array
+MAX_OTHER_ARRAY_LEN = 1 << 16  # elements in any other array (per-layer values: <= 512)
 MAX_TOTAL_ELEMENTS = 3 << 20  # elements in all metadata arrays together
 MAX_STRING_BYTES = 16 << 20  # one metadata string (chat templates are ~10 kB)
 MAX_HEADER_BYTES = 64 << 20  # metadata + tensor infos (~2 MB for a 50k-token vocabulary)
@@ -496,10 +497,11 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[Any, int | None]:
     min_size = 8 if elem == T_STRING else _SCALARS[elem][2]
     if count * min_size > remaining:
         cur.fail(f"array length {count} cannot fit in the {remaining} bytes left", offset=count_at)
-    if count > MAX_ARRAY_LEN or cur.elements + count > MAX_TOTAL_ELEMENTS:
+    limit = MAX_ARRAY_LEN if key.startswith("tokenizer.") else MAX_OTHER_ARRAY_LEN
+    if count > limit or cur.elements + count > MAX_TOTAL_ELEMENTS:
         cur.fail(
-            f"array length {count} exceeds the limit of {MAX_ARRAY_LEN} elements per array and "
-            f"{MAX_TOTAL_ELEMENTS} in all",
+            f"array length {count} exceeds the limit of {limit} elements for this key and "
+            f"{MAX_TOTAL_ELEMENTS} in all arrays",
             offset=count_at,
         )
     cur.elements += count
@@ -513,14 +515,15 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[Any, int | None]:
 
 
 def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
-    """An array of strings. For the vocabulary, also refuse duplicates the way llama.cpp sees
-    them (as C strings, an empty token renamed "[EMPTY_i]"): its vocab loader asserts that every
-    token is distinct and aborts the process otherwise."""
-    raws: list = []
+    """An array of strings (undecodable bytes shown as U+FFFD). For the vocabulary, also refuse
+    duplicates the way llama.cpp sees them (as C strings, an empty token renamed "[EMPTY_i]"):
+    its vocab loader asserts that every token is distinct and aborts the process otherwise."""
+    out: list[str] = []
+    undecodable: list[tuple[int, bytes]] = []  # compared by their bytes, not their display
     buf, pos = cur.buf, cur.pos
     have = len(buf)
     unpack = struct.unpack_from
-    append = raws.append
+    append = out.append
     for i in range(count):
         if pos + 8 > have:  # past what is read so far, or past the end
             cur.pos = pos
@@ -532,24 +535,39 @@ def _read_strings(cur: _Cursor, count: int, unique: bool) -> list[str]:
             cur.pos = pos - 8
             cur.need(n + 8, f"string #{i} of the array")
             buf, have = cur.buf, len(cur.buf)
-        # Only the vocabulary keeps its raw bytes (for the duplicate check below).
-        append(buf[pos : pos + n] if unique else buf[pos : pos + n].decode("utf-8", "replace"))
+        raw = buf[pos : pos + n]
+        try:
+            append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            append(raw.decode("utf-8", "replace"))
+            undecodable.append((i, raw))
         pos += n
-    if unique and (len(set(raws)) != count or b"" in raws or b"\0" in b"".join(raws)):
-        seen: dict[bytes, int] = {}
-        for i, raw in enumerate(raws):
-            c_str = raw.split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
-            first = seen.setdefault(c_str, i)
-            if first != i:
-                cur.fail(
-                    f"token #{i} {c_str[:40]!r} duplicates token #{first} "
-                    "(llama.cpp would abort loading this vocabulary)",
-                    offset=cur.pos,
-                )
+    if unique:
+        # Valid UTF-8 decodes one to one, so strings compare like their bytes; the few that
+        # don't decode take a form (surrogate escapes) no valid string has.
+        keys = out
+        if undecodable:
+            keys = list(out)
+            for i, raw in undecodable:
+                keys[i] = raw.decode("utf-8", "surrogateescape")
+        if len(set(keys)) != count or "" in keys or "\0" in "".join(keys):
+            _refuse_duplicate_tokens(cur, keys)
     cur.pos = pos
-    if not unique:
-        return raws  # decoded in the loop
-    return [raw.decode("utf-8", errors="replace") for raw in raws]
+    return out
+
+
+def _refuse_duplicate_tokens(cur: _Cursor, keys: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        c_str = key.split("\0", 1)[0] or f"[EMPTY_{i}]"
+        first = seen.setdefault(c_str, i)
+        if first != i:
+            shown = c_str.encode("utf-8", "surrogateescape")[:40]
+            cur.fail(
+                f"token #{i} {shown!r} duplicates token #{first} "
+                "(llama.cpp would abort loading this vocabulary)",
+                offset=cur.pos,
+            )
 
 
 def _check_metadata(cur: _Cursor, md: dict[str, Any], types: dict[str, int]) -> None:
