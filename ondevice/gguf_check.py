@@ -3,17 +3,18 @@
 llama.cpp aborts the whole process on many malformed GGUF files, and gguf-py's reader trusts the
 counts it reads (a 3 MB file claiming a 3-million-element array costs it seconds and gigabytes).
 This reader bounds every count and length by the bytes actually left in the file and by fixed
-limits, so a hostile header costs at most one pass over a bounded number of bytes and objects,
-and every problem becomes one `InvalidModelFile` naming the offset and the field. It reads only
-the header; tensor data is never touched (the file is memory-mapped, so only the header's pages
-are read).
+limits (MAX_*), so a hostile header costs at most one pass over a bounded number of bytes and
+objects, and every problem becomes one `InvalidModelFile` naming the offset and the field. It
+reads only the header, with pread (a file that shrinks under us is an error, not a SIGBUS);
+tensor data is never read.
 
-Beyond the GGUF structure it refuses the well-formed files that still abort llama.cpp 0.3.36
-(each found by loading mutated files in a subprocess, see tests/test_gguf_check.py): duplicate
-tokens in the vocabulary (a GGML_ASSERT in the vocab loader; tokens compared as C strings),
-more than 512 layers, inconsistent expert counts, an unknown rope scaling type, odd or too many
-rope dimensions, keys or tensor names with NUL bytes (llama.cpp would look up a different key
-than the one checked here).
+Beyond the GGUF structure it refuses the well-formed files that still abort llama.cpp 0.3.36,
+each shown to abort it by loading a mutated file in a subprocess (tests/test_gguf_check.py,
+tests/test_fuzz.py): duplicate tokens (tokens compared as C strings), tokenizers that can't
+tokenize (no vocabulary; SPM without byte tokens; misplaced byte tokens), more than 512 layers,
+inconsistent expert counts, an unknown rope scaling type, odd or too many rotary dimensions,
+negative or NaN norm epsilons, keys or tensor names with NUL bytes (llama.cpp would look up a
+different key than the one checked here).
 
 Layout (GGUF v2/v3): magic "GGUF", u32 version, u64 tensor count, u64 key/value count, the key/
 value pairs, the tensor infos (name, dims, type, offset), padding to `general.alignment`, data.
