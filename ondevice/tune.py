@@ -458,9 +458,10 @@ class TuneResult:
 
 
 def _candidates(
-    knob: str, header: Any, current: Settings, n_ctx: int
+    knob: str, header: Any, current: Settings, max_chunk: int
 ) -> tuple[list[Any], str | None]:
-    """Values to try for one knob, or ([], why not)."""
+    """Values to try for one knob, or ([], why not). `max_chunk` is the workload's largest
+    prompt chunk: micro-batches at least that large all run it in one pass."""
     from ondevice import fit
     from ondevice.system import cpu_topology
 
@@ -485,7 +486,12 @@ def _candidates(
         why = None if len(vals) > 1 else "the model allows no other KV cache type"
         return vals, why
     if knob == "n_ubatch":
-        return [u for u in (128, 256, 512, 1024) if u <= current.n_batch], None
+        vals = [u for u in (128, 256, 512, 1024) if u <= max(current.n_batch, 1024)]
+        # Sizes >= the largest chunk differ only in their compute buffer: keep the smallest.
+        big = [u for u in vals if u >= max_chunk]
+        vals = {u for u in vals if u < max_chunk} | {current.n_ubatch, *big[:1]}
+        why = None if len(vals) > 1 else "one micro-batch holds every prompt chunk"
+        return sorted(vals), why
     if knob == "use_mmap":
         return [True, False], None
     raise UsageError(f"unknown knob {knob!r}", hint=f"use some of {', '.join(KNOBS)}")
@@ -581,7 +587,8 @@ def tune(
     best = defaults_probe
     by_settings: dict[Settings, Probe] = {reference: defaults_probe}
     for knob in knobs:
-        values, why = _candidates(knob, header, best.settings, ctx)
+        max_chunk = max(min(s.chunk, s.tokens) for s in segments if s.kind == "pp")
+        values, why = _candidates(knob, header, best.settings, max_chunk)
         if why:
             unavailable[knob] = why
         alts = [v for v in values if v != getattr(best.settings, knob)]
