@@ -83,11 +83,22 @@ class ReferenceLogits:
     """A reference model's scored logits for one text and ctx, computed once and reused.
 
     For a quantization ladder the reference (the F16 file) is compared with every type; keeping
-    its scored-position logits (float32: chunks * (ctx/2) * n_vocab * 4 bytes) saves evaluating
-    it again each time.
+    its scored-position logits saves evaluating it again each time. They take
+    `cache_bytes(...)` of memory (chunks * (ctx - 1 - ctx/2) * n_vocab * 4 bytes), so this is
+    for test-sized texts; `quality_ladder` keeps the reference model loaded instead when that
+    is too much. `result` is the reference's own perplexity on the text.
     """
 
-    def __init__(self, reference: ModelLike, text: str, *, ctx: int = 512, threads="auto"):
+    def __init__(
+        self,
+        reference: ModelLike,
+        text: str,
+        *,
+        ctx: int = 512,
+        threads: int | str = "auto",
+        max_chunks: int | None = None,
+    ) -> None:
+        t0 = time.perf_counter()
         with ExitStack() as stack:
             ref = _open(stack, reference, ctx, threads)
             stack.callback(_forget_cache, ref)
@@ -96,9 +107,31 @@ class ReferenceLogits:
                 self.tokens = _tokenize(eng, text)
                 self.ctx = ctx
                 self.n_vocab = eng.n_vocab
-                self.windows = [
-                    logits.copy() for logits in _scored_logits(eng, self.tokens, ctx, None)
-                ]
+                n_chunk = _n_chunks(self.tokens, ctx, max_chunks)
+                self.windows: list[np.ndarray] = []
+                nll = 0.0
+                first = ctx // 2
+                for i, logits in enumerate(_scored_logits(eng, self.tokens, ctx, n_chunk)):
+                    self.windows.append(logits.copy())
+                    targets = np.asarray(self.tokens[i * ctx + first + 1 : (i + 1) * ctx])
+                    nll -= float(_log_softmax(logits)[np.arange(len(targets)), targets].sum())
+        count = n_chunk * (ctx - 1 - first)
+        self.result = QualityResult(
+            perplexity=float(np.exp(nll / count)),
+            tokens=count,
+            ctx=ctx,
+            chunks=n_chunk,
+            text_tokens=len(self.tokens),
+            kl_divergence=0.0,
+            top1_agreement=1.0,
+            seconds=time.perf_counter() - t0,
+        )
+
+
+def cache_bytes(n_tokens: int, n_vocab: int, ctx: int, max_chunks: int | None = None) -> int:
+    """Memory ReferenceLogits needs for a text of n_tokens."""
+    n = n_tokens // ctx if not max_chunks or max_chunks < 1 else min(n_tokens // ctx, max_chunks)
+    return n * (ctx - 1 - ctx // 2) * n_vocab * 4
 
 
 def evaluate(
@@ -138,10 +171,14 @@ def evaluate(
             n_chunk = _n_chunks(tokens, ctx, max_chunks)
             ref_windows: Iterator[np.ndarray] | None = None
             if ref_cached is not None:
-                if ref_cached.ctx != ctx or ref_cached.tokens != tokens:
+                if (
+                    ref_cached.ctx != ctx
+                    or ref_cached.tokens != tokens
+                    or len(ref_cached.windows) < n_chunk
+                ):
                     raise UsageError(
-                        "the reference logits were computed for another text or ctx",
-                        hint="compute ReferenceLogits with the same text and ctx",
+                        "the reference logits were computed for another text, ctx or chunks",
+                        hint="compute ReferenceLogits with the same text, ctx and max_chunks",
                     )
                 ref_windows = iter(ref_cached.windows)
             elif ref_model is not None:

@@ -20,7 +20,7 @@ from ondevice import models
 from ondevice.errors import MissingExtra, UsageError
 from ondevice.gguf_check import read_header
 
-from .quality import QualityResult, ReferenceLogits, evaluate
+from .quality import ReferenceLogits, cache_bytes, evaluate
 from .quantize import quantize
 from .types import get_type
 
@@ -87,9 +87,18 @@ def quality_ladder(
     imatrix: str | os.PathLike[str] | None = None,
     gen_tokens: int = 64,
     max_chunks: int | None = None,
+    max_cache_bytes: int = 1 << 30,
     on_status: Callable[[str], object] | None = None,
 ) -> LadderReport:
-    """Quantize `src` to each of `types` and measure each against `src` on `text`."""
+    """Quantize `src` to each of `types` and measure each against `src` on `text`.
+
+    ctx, max_chunks  the perplexity windows (see `evaluate`).
+    keep_dir         keep the quantized files there (default: a temp dir, removed).
+    gen_tokens       greedy tokens generated per file for the speed column (0: skip).
+    max_cache_bytes  keep the reference's logits in memory up to this size; beyond it the
+                     reference model stays loaded and is evaluated again for each type.
+    on_status        called with a short line as each step starts.
+    """
     qtypes = [get_type(t) for t in types]
     if not qtypes:
         raise UsageError("no types given", hint="e.g. --types Q8_0,Q4_K_M,Q2_K")
@@ -99,54 +108,64 @@ def quality_ladder(
     n_threads = ondevice.runtime._threads(threads)
 
     status(f"reference: evaluating {src_path.name}")
-    ref = ReferenceLogits(src_path, text, ctx=ctx, threads=n_threads)
-    report = LadderReport(
-        source=str(src_path),
-        text_tokens=len(ref.tokens),
-        scored_tokens=0,
-        ctx=ctx,
-        threads=n_threads,
-    )
-    ref_q = _measure(src_path, text, ref, ctx, n_threads, gen_tokens, max_chunks)
-    report.scored_tokens = ref_q[0].tokens
-    report.rows.append(
-        _row(f"{_file_type(src_header)} (reference)", src_path, ref_q, 0.0, keep=True)
-    )
-    with tempfile.TemporaryDirectory(
-        prefix="ondevice-ladder-", dir=keep_dir if keep_dir is None else None
-    ) as tmp:
-        out_dir = Path(keep_dir) if keep_dir is not None else Path(tmp)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for qt in qtypes:
-            dst = out_dir / f"{src_path.stem}-{qt.name}.gguf"
-            status(f"{qt.name}: quantizing")
-            made = quantize(
-                src_path,
-                dst,
-                qt,
-                allow_requantize=allow_requantize,
-                imatrix=imatrix,
-                threads=n_threads,
-            )
-            status(f"{qt.name}: measuring")
-            q = _measure(dst, text, ref, ctx, n_threads, gen_tokens, max_chunks)
-            report.rows.append(_row(qt.name, dst, q, made.seconds, keep=keep_dir is not None))
+    with ondevice.load(src_path, n_ctx=max(ctx, 64 + gen_tokens), threads=n_threads) as ref_model:
+        n_tokens = len(ref_model.tokenize(text, parse_special=False))
+        need = cache_bytes(n_tokens, ref_model.engine.n_vocab, ctx, max_chunks)
+        reference: ReferenceLogits | ondevice.Model
+        if need <= max_cache_bytes:
+            reference = ReferenceLogits(ref_model, text, ctx=ctx, max_chunks=max_chunks)
+            ref_q = reference.result
+        else:
+            # Too big to keep: the reference stays loaded and is evaluated again per type.
+            log.info("reference logits would take %d MiB; re-evaluating per type", need >> 20)
+            reference = ref_model
+            ref_q = evaluate(ref_model, text, ctx=ctx, max_chunks=max_chunks)
+        report = LadderReport(
+            source=str(src_path),
+            text_tokens=ref_q.text_tokens,
+            scored_tokens=ref_q.tokens,
+            ctx=ctx,
+            threads=n_threads,
+        )
+        ref_gen = _generation_tps(ref_model, gen_tokens)
+        report.rows.append(
+            _row(f"{_file_type(src_header)} (reference)", src_path, (ref_q, ref_gen), 0.0, True)
+        )
+        with tempfile.TemporaryDirectory(prefix="ondevice-ladder-") as tmp:
+            out_dir = Path(keep_dir) if keep_dir is not None else Path(tmp)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for qt in qtypes:
+                dst = out_dir / f"{src_path.stem}-{qt.name}.gguf"
+                status(f"{qt.name}: quantizing")
+                made = quantize(
+                    src_path,
+                    dst,
+                    qt,
+                    allow_requantize=allow_requantize,
+                    imatrix=imatrix,
+                    threads=n_threads,
+                )
+                status(f"{qt.name}: measuring")
+                q = _measure(dst, text, reference, ctx, n_threads, gen_tokens, max_chunks)
+                report.rows.append(_row(qt.name, dst, q, made.seconds, keep_dir is not None))
     return report
 
 
-def _measure(path, text, ref, ctx, threads, gen_tokens, max_chunks) -> tuple[QualityResult, float]:
+def _measure(path, text, reference, ctx, threads, gen_tokens, max_chunks):
     """Quality against the reference, then greedy generation speed, with one loaded model."""
-    n_ctx = max(ctx, 64 + gen_tokens)
-    with ondevice.load(path, n_ctx=n_ctx, threads=threads) as m:
-        q = evaluate(m, text, ctx=ctx, reference=ref, max_chunks=max_chunks)
-        gen_tps = 0.0
-        if gen_tokens > 0:
-            res = m.generate(GEN_PROMPT, max_tokens=gen_tokens, temperature=0)
-            gen_tps = res.stats.generation_tps
-    return q, gen_tps
+    with ondevice.load(path, n_ctx=max(ctx, 64 + gen_tokens), threads=threads) as m:
+        q = evaluate(m, text, ctx=ctx, reference=reference, max_chunks=max_chunks)
+        return q, _generation_tps(m, gen_tokens)
 
 
-def _row(name: str, path: Path, measured, quantize_s: float, *, keep: bool) -> LadderRow:
+def _generation_tps(m: ondevice.Model, gen_tokens: int) -> float:
+    if gen_tokens <= 0:
+        return 0.0
+    m.reset()
+    return m.generate(GEN_PROMPT, max_tokens=gen_tokens, temperature=0).stats.generation_tps
+
+
+def _row(name: str, path: Path, measured, quantize_s: float, keep: bool) -> LadderRow:
     q, gen_tps = measured
     h = read_header(path)
     return LadderRow(

@@ -134,9 +134,9 @@ def test_cli_text_too_short(demo_path, tmp_path, cli_env):
 
 def test_reference_logits_of_another_text_are_refused(demo_model, short_text):
     ref = ReferenceLogits(demo_model, short_text, ctx=CTX)
-    with pytest.raises(UsageError, match="another text or ctx"):
+    with pytest.raises(UsageError, match="another text, ctx or chunks"):
         evaluate(demo_model, short_text[:-200], ctx=CTX, reference=ref)
-    with pytest.raises(UsageError, match="another text or ctx"):
+    with pytest.raises(UsageError, match="another text, ctx or chunks"):
         evaluate(demo_model, short_text, ctx=CTX // 2, reference=ref)
 
 

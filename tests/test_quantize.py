@@ -328,6 +328,12 @@ def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"demo-f16-{t}.gguf" for t in LADDER
     )
+    # Without room to cache the reference's logits, it is evaluated again: same numbers.
+    again = quality_ladder(
+        demo_f16_path, text, ["Q8_0"], ctx=64, threads=2, gen_tokens=0, max_cache_bytes=0
+    )
+    assert again.rows[0].perplexity == pytest.approx(rep.rows[0].perplexity, rel=1e-9)
+    assert again.rows[1].kl_divergence == pytest.approx(kl["Q8_0"], rel=1e-6)
 
 
 def test_dequantize_refuses_same_file(demo_f16_path):
