@@ -190,15 +190,22 @@ def _file_type(header) -> str:
     return max(counts, key=counts.get) if counts else "?"
 
 
+def require_matplotlib() -> None:
+    """Raise MissingExtra unless matplotlib (the `plot` extra) is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtra("--plot needs matplotlib", hint="pip install 'ondevice[plot]'")
+
+
 def plot_ladder(report: LadderReport, png: str | os.PathLike[str]) -> Path:
     """Save a size-vs-KL-divergence plot of the ladder (needs matplotlib: ondevice[plot])."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtra("--plot needs matplotlib", hint="pip install 'ondevice[plot]'") from None
+    matplotlib.use("Agg")  # no display needed; must come before pyplot
+    import matplotlib.pyplot as plt
+
     rows = [r for r in report.rows if not r.type.endswith("(reference)")]
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r.file_bytes / 2**20 for r in rows]

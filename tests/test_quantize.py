@@ -4,6 +4,7 @@ plus the quality ladder's order on the test text."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -334,6 +335,34 @@ def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
     )
     assert again.rows[0].perplexity == pytest.approx(rep.rows[0].perplexity, rel=1e-9)
     assert again.rows[1].kl_divergence == pytest.approx(kl["Q8_0"], rel=1e-6)
+
+
+def test_cli_report_json_and_plot(demo_f16_path, tmp_path, cli_env):
+    png = tmp_path / "ladder.png"
+    proc = subprocess.run(
+        [PYTHON, "-m", "ondevice", "quantize", "--report", str(demo_f16_path)]
+        + ["--types", "Q8_0", "--text", str(TEXT_FILE), "--ctx", "32", "--chunks", "2"]
+        + ["--gen-tokens", "0", "-t", "2", "--json", "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [r["type"] for r in data["rows"]] == ["F16 (reference)", "Q8_0"]
+    assert data["scored_tokens"] == 2 * (32 - 1 - 16) and data["ctx"] == 32
+    q8 = data["rows"][1]
+    assert 8.4 < q8["bpw"] < 8.6 and q8["kl_divergence"] > 0 and q8["path"] is None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    usage = subprocess.run(
+        [PYTHON, "-m", "ondevice", "quantize", "--report", str(demo_f16_path)],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=60,
+    )
+    assert usage.returncode == 2 and "--report needs --text" in usage.stderr
 
 
 def test_dequantize_refuses_same_file(demo_f16_path):

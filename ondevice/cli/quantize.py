@@ -65,6 +65,13 @@ def _threads(value: str) -> int | None:
 )
 @click.option("--chunks", type=int, default=None, help="--report: score only the first N windows.")
 @click.option("--keep", type=click.Path(file_okay=False), help="--report: keep the files in DIR.")
+@click.option(
+    "--gen-tokens",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="--report: greedy tokens per file for the tok/s column (0: skip).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="--report: save size vs KL as PNG.")
 def quantize(
@@ -80,6 +87,7 @@ def quantize(
     ctx: int,
     chunks: int | None,
     keep: str | None,
+    gen_tokens: int,
     as_json: bool,
     plot: str | None,
 ) -> None:
@@ -102,7 +110,18 @@ def quantize(
         if not text:
             raise UsageError("--report needs --text FILE", hint="a few thousand tokens of prose")
         _report(
-            src, text, types, ctx, chunks, n_threads, keep, as_json, plot, allow_requantize, imatrix
+            src,
+            text,
+            types,
+            ctx,
+            chunks,
+            n_threads,
+            keep,
+            gen_tokens,
+            as_json,
+            plot,
+            allow_requantize,
+            imatrix,
         )
         return
     if dst is None:
@@ -129,9 +148,15 @@ def quantize(
         )
 
 
-def _report(src, text_file, types, ctx, chunks, threads, keep, as_json, plot, requant, imatrix):
+def _report(
+    src, text_file, types, ctx, chunks, threads, keep, gen_tokens, as_json, plot, requant, imatrix
+):
     from ondevice.quantize.quality import read_text
-    from ondevice.quantize.report import plot_ladder, quality_ladder
+    from ondevice.quantize.report import plot_ladder, quality_ladder, require_matplotlib
+
+    if plot:
+        require_matplotlib()  # fail before the long part, not after it
+    text = read_text(text_file)
 
     names = [t.strip() for t in types.split(",") if t.strip()]
     tty = sys.stderr.isatty()
@@ -142,7 +167,7 @@ def _report(src, text_file, types, ctx, chunks, threads, keep, as_json, plot, re
 
     rep = quality_ladder(
         src,
-        read_text(text_file),
+        text,
         names,
         ctx=ctx,
         threads=threads or "auto",
@@ -150,6 +175,7 @@ def _report(src, text_file, types, ctx, chunks, threads, keep, as_json, plot, re
         allow_requantize=requant,
         imatrix=imatrix,
         max_chunks=chunks,
+        gen_tokens=gen_tokens,
         on_status=status,
     )
     if plot:
