@@ -14,16 +14,26 @@ models through ondevice.load().
 from __future__ import annotations
 
 from .dequantize import dequantize_to_f16
+from .quality import QualityResult, ReferenceLogits, evaluate, read_text
 from .quantize import QuantizeResult, estimate_bytes, quantize
+from .report import LadderReport, LadderRow, plot_ladder, quality_ladder
 from .types import QuantType, get_type, quant_types, type_table
 
 __all__ = [
+    "LadderReport",
+    "LadderRow",
+    "QualityResult",
     "QuantType",
     "QuantizeResult",
+    "ReferenceLogits",
     "dequantize_to_f16",
     "estimate_bytes",
+    "evaluate",
     "get_type",
+    "plot_ladder",
+    "quality_ladder",
     "quant_types",
     "quantize",
+    "read_text",
     "type_table",
 ]
