@@ -153,7 +153,7 @@ class _Ledger:
 
     def _cut(self, n_tokens: int, n_bytes: int) -> None:
         if n_tokens == self.cut_tokens[-1]:
-            self.cut_bytes[-1] = n_bytes  # a zero-length token (a BOS we added) shares the cut
+            self.cut_bytes[-1] = n_bytes  # the same point again (an empty block)
         else:
             self.cut_tokens.append(n_tokens)
             self.cut_bytes.append(n_bytes)

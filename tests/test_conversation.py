@@ -31,6 +31,13 @@ def spell(model, tokens) -> str:
         return model.engine.detokenize(tokens, special=True)
 
 
+@pytest.fixture(scope="module")
+def small_model(demo_path):
+    """The demo model with a 256-token context and flash attention off."""
+    with ondevice.load(demo_path, n_ctx=256, threads=2, flash_attn="off") as m:
+        yield m
+
+
 def test_turns_evaluate_only_new_tokens(demo_model):
     demo_model.reset()
     conv = demo_model.conversation(SYSTEM, temperature=0, max_tokens=12)
@@ -52,17 +59,20 @@ def test_turns_evaluate_only_new_tokens(demo_model):
     assert [m["role"] for m in conv.messages] == ["system"] + ["user", "assistant"] * 3
 
 
-def test_reuse_does_not_change_the_reply(demo_model):
-    demo_model.reset()
-    conv = demo_model.conversation(SYSTEM, temperature=0, max_tokens=12)
+def test_reuse_does_not_change_the_reply(small_model):
+    # Flash attention off: with it on, llama.cpp's attention over a KV cache filled in two
+    # steps is not bit-identical to one filled at once, and a greedy near-tie can flip.
+    small_model.reset()
+    conv = small_model.conversation(SYSTEM, temperature=0, max_tokens=12)
     conv.send(QUESTIONS[0])
-    second = conv.send(QUESTIONS[1])
-    assert second.stats.prompt_eval_tokens < second.stats.prompt_tokens
-    # The same history evaluated from scratch, through the stateless chat() API.
-    demo_model.reset()
-    chunks = list(demo_model.chat(conv.messages[:-1], max_tokens=12, temperature=0))
-    assert chunks[-1].stats.prompt_eval_tokens == chunks[-1].stats.prompt_tokens
-    assert "".join(c.text for c in chunks) == second.text
+    for question in QUESTIONS[1:3]:
+        reply = conv.send(question)
+        assert reply.stats.prompt_eval_tokens < reply.stats.prompt_tokens / 2
+        # The same history evaluated from scratch, through the stateless chat() API.
+        small_model.reset()
+        chunks = list(small_model.chat(conv.messages[:-1], max_tokens=12, temperature=0))
+        assert chunks[-1].stats.prompt_eval_tokens == chunks[-1].stats.prompt_tokens
+        assert "".join(c.text for c in chunks) == reply.text
 
 
 def test_chat_streams_like_stream(demo_model):
@@ -166,12 +176,6 @@ def test_closing_a_stream_early_releases_the_model(demo_model):
     stream.close()
     assert conv.last is not None and conv.last.finish_reason == "cancelled"
     assert demo_model.generate("Hello", max_tokens=2).stats.completion_tokens > 0
-
-
-@pytest.fixture(scope="module")
-def small_model(demo_path):
-    with ondevice.load(demo_path, n_ctx=256, threads=2) as m:
-        yield m
 
 
 def test_full_context_drops_oldest_turns(small_model):

@@ -1,0 +1,241 @@
+"""Issue 3's benchmark: time to first token, turn by turn, in a 10-turn conversation.
+
+Three ways to hold the same conversation with the same model and settings (greedy, replies of at
+most --max-tokens tokens, the GGUF's chat template, a system prompt):
+
+  ondevice             `Model.conversation()`: each turn evaluates only the tokens that are new
+                       since the previous turn (the ledger of sent token ids keeps the prefix
+                       stable; see ondevice/conversation.py).
+  ondevice, no reuse   `Model.chat(history)` after `Model.reset()`: the whole history evaluated
+                       every turn, i.e. what a chat loop that re-evaluates its history costs.
+  llama-cpp-python     `Llama.create_chat_completion(history, stream=True)`, the binding's own
+                       high-level chat, with the history of its own replies. It runs in a child
+                       process with `llama_model_default_params` patched to use_extra_bufts=False
+                       (weight repacking reaches llama.cpp's AMX kernels, which crash this
+                       machine); its prompt tokens evaluated are counted by wrapping Llama.eval.
+
+TTFT is wall time from the call to the first chunk with text, measured by this script for all
+three (so ondevice's template rendering and tokenization are included). Rounds alternate the
+three (ondevice, no reuse, llama-cpp-python, ondevice, ...) and each turn's median is reported.
+
+    python benchmarks/chat_ttft.py                  # demo model, 3 rounds, print the table
+    python benchmarks/chat_ttft.py --rounds 5 --write-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from stream_vs_llama_bench import machine_line, median, write_results  # noqa: E402
+
+SECTION = "## Chat: time to first token by turn (issue 3)"
+SYSTEM = "You are a helpful assistant."
+QUESTIONS = [
+    "What is the capital of France?",
+    "And the capital of Italy?",
+    "Which of the two cities is older?",
+    "Name a famous museum in Paris.",
+    "What can you see there?",
+    "Give me one tip for visiting it.",
+    "How do I get there from the airport?",
+    "What is a typical French breakfast?",
+    "And a typical Italian one?",
+    "Thank you! Summarize our conversation in one sentence.",
+]
+
+# The llama-cpp-python side, run in a child process (see the module docstring).
+LLAMA_CPP_CHILD = r"""
+import json, sys, time
+import llama_cpp.llama_cpp as L
+_default = L.llama_model_default_params
+def _params():
+    p = _default()
+    p.use_extra_bufts = False  # no repacking: AMX kernels crash this machine class
+    return p
+L.llama_model_default_params = _params
+from llama_cpp import Llama
+
+cfg = json.loads(sys.argv[1])
+llm = Llama(cfg["model"], n_ctx=cfg["n_ctx"], n_threads=cfg["threads"],
+            n_threads_batch=cfg["threads"], n_batch=2048, n_ubatch=512, verbose=False)
+evals = []
+_eval = llm.eval
+def counting_eval(tokens):
+    evals.append((llm.n_tokens, len(tokens)))
+    return _eval(tokens)
+llm.eval = counting_eval
+messages = [{"role": "system", "content": cfg["system"]}]
+out = []
+for q in cfg["questions"]:
+    messages.append({"role": "user", "content": q})
+    evals.clear()
+    t0 = time.perf_counter()
+    ttft = None
+    parts = []
+    for chunk in llm.create_chat_completion(messages, stream=True, temperature=0.0,
+                                            max_tokens=cfg["max_tokens"]):
+        text = chunk["choices"][0]["delta"].get("content")
+        if text:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            parts.append(text)
+    reused, evaluated = evals[0]
+    reply = "".join(parts)
+    messages.append({"role": "assistant", "content": reply})
+    out.append({"ttft_s": ttft, "prompt_tokens": reused + evaluated,
+                "prompt_eval_tokens": evaluated, "reply": reply})
+print(json.dumps(out))
+"""
+
+
+def run_ondevice(model, reuse: bool, max_tokens: int) -> list[dict]:
+    """One conversation; per turn: wall TTFT, prompt tokens, prompt tokens evaluated."""
+    model.reset()
+    conv = model.conversation(SYSTEM, temperature=0, max_tokens=max_tokens)
+    out = []
+    for q in QUESTIONS:
+        t0 = time.perf_counter()
+        ttft = None
+        if reuse:
+            stream = conv.stream(q)
+        else:
+            model.reset()
+            history = [*conv.messages, {"role": "user", "content": q}]
+            stream = model.chat(history, temperature=0, max_tokens=max_tokens)
+        parts, final = [], None
+        for chunk in stream:
+            if chunk.text and ttft is None:
+                ttft = time.perf_counter() - t0
+            parts.append(chunk.text)
+            final = chunk.stats or final
+        if not reuse:  # keep the history the same shape as the reuse run's
+            conv._turns += [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": "".join(parts).strip()},
+            ]
+        out.append(
+            {
+                "ttft_s": ttft if ttft is not None else final.ttft_s,
+                "prompt_tokens": final.prompt_tokens,
+                "prompt_eval_tokens": final.prompt_eval_tokens,
+                "reply": "".join(parts),
+            }
+        )
+    return out
+
+
+def run_llama_cpp(model_path: str, n_ctx: int, threads: int, max_tokens: int) -> list[dict]:
+    cfg = {
+        "model": model_path,
+        "n_ctx": n_ctx,
+        "threads": threads,
+        "system": SYSTEM,
+        "questions": QUESTIONS,
+        "max_tokens": max_tokens,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP_CHILD, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-cpp-python child failed ({proc.returncode}): {proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(runs: dict[str, list[list[dict]]]) -> tuple[str, dict[str, float]]:
+    names = list(runs)
+    head = "| turn | " + " | ".join(f"{n}: prompt / evaluated, TTFT ms" for n in names) + " |"
+    lines = [head, "|---" * (len(names) + 1) + "|"]
+    ratios = {}
+    for turn in range(len(QUESTIONS)):
+        cells = []
+        for name in names:
+            rows = [r[turn] for r in runs[name]]
+            ttft = median([r["ttft_s"] for r in rows]) * 1000
+            prompt = rows[0]["prompt_tokens"]
+            evaluated = median([r["prompt_eval_tokens"] for r in rows])
+            cells.append(f"{prompt} / {evaluated:g}, {ttft:.0f}")
+        lines.append(f"| {turn + 1} | " + " | ".join(cells) + " |")
+    for name in names:
+        first = median([r[0]["ttft_s"] for r in runs[name]])
+        last = median([r[-1]["ttft_s"] for r in runs[name]])
+        ratios[name] = last / first
+    lines.append("| turn 10 / turn 1 | " + " | ".join(f"{ratios[n]:.2f}x" for n in names) + " |")
+    return "\n".join(lines), ratios
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: the demo model)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--write-results", action="store_true", help=f"update {SECTION!r}")
+    args = ap.parse_args()
+
+    import ondevice
+    from ondevice.models import demo_model_path
+
+    path = args.model or str(demo_model_path())
+    runs: dict[str, list[list[dict]]] = {"ondevice": [], "ondevice, no reuse": []}
+    if not args.no_llama_cpp:
+        runs["llama-cpp-python"] = []
+    with ondevice.load(path, n_ctx=args.ctx, threads=args.threads) as model:
+        run_ondevice(model, True, args.max_tokens)  # warm-up (page cache, first-call costs)
+        for r in range(args.rounds):
+            runs["ondevice"].append(run_ondevice(model, True, args.max_tokens))
+            runs["ondevice, no reuse"].append(run_ondevice(model, False, args.max_tokens))
+            if not args.no_llama_cpp:
+                runs["llama-cpp-python"].append(
+                    run_llama_cpp(path, args.ctx, args.threads, args.max_tokens)
+                )
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        settings = (
+            f"n_ctx {model.n_ctx}, {model.threads} threads, {model.backend}, greedy, replies of "
+            f"at most {args.max_tokens} tokens, system prompt {SYSTEM!r}, the GGUF's chat template"
+        )
+    text, ratios = table(runs)
+    cmd = "python benchmarks/chat_ttft.py" + (f" --model {Path(path).name}" if args.model else "")
+    cmd += f" --rounds {args.rounds}"
+    report = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`{cmd}`, {time.strftime('%Y-%m-%d')}, model {Path(path).name}; {settings}. "
+            f"{args.rounds} interleaved rounds (ondevice, ondevice without reuse, "
+            "llama-cpp-python, ...), medians per turn. Machine: " + machine_line() + ".",
+            "",
+            "Each cell: prompt tokens / prompt tokens evaluated, time to first token (wall, from "
+            "the call to the first text). `ondevice, no reuse` resets the KV cache before each "
+            "turn (the cost of re-evaluating the history); llama-cpp-python runs in a child "
+            "process (use_extra_bufts=False patched in; its defaults otherwise: flash attention "
+            "off), its prompt tokens evaluated counted at Llama.eval.",
+            "",
+            text,
+            "",
+            f"- Goal: TTFT of turn 10 <= 1.2x turn 1 for ondevice: "
+            f"{'met' if ratios['ondevice'] <= 1.2 else 'NOT met'} ({ratios['ondevice']:.2f}x).",
+        ]
+    )
+    print(report)
+    raw = Path.home() / ".cache" / "ondevice-bench" / "chat_ttft.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(runs, indent=1))  # every run's numbers and replies
+    print(f"raw numbers: {raw}", file=sys.stderr)
+    if args.write_results:
+        write_results(report, SECTION)
+
+
+if __name__ == "__main__":
+    main()
