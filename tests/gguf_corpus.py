@@ -672,104 +672,47 @@ def model_cases() -> list[ModelCase]:
         return TinySpec(kv={key: (value, vtype, None)})
 
     s = TinySpec
+    byte_kv = {
+        "tokenizer.ggml.token_type": (byte_types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.model": ("bert", V.STRING, None),
+    }
+    all_bytes = {"tokenizer.ggml.token_type": ([6] * len(tokens), V.ARRAY, V.INT32)}
     table = [
-        # name, spec, refused_by, raw llama.cpp, word in our error
+        # name, spec, refused_by, raw llama.cpp, word in our error (or llama.cpp's)
         ("MISSING_TENSOR", s(tensors={"blk.1.ffn_up.weight": None}), "llama", "error", "not found"),
         ("WRONG_SHAPE", s(tensors={"blk.0.attn_k.weight": (64, 64)}), "llama", "error", "shape"),
-        (
-            "EXTRA_TENSOR",
-            s(extra_tensors={"blk.0.bogus.weight": (64,)}),
-            "llama",
-            "error",
-            "number",
-        ),
-        (
-            "UNKNOWN_TOKENIZER",
-            kv("tokenizer.ggml.model", "bogus", V.STRING),
-            "llama",
-            "error",
-            "tokenizer",
-        ),
+        ("EXTRA_TENSOR", s(extra_tensors={"blk.0.bogus.weight": (64,)}), "llama", "error",
+         "number"),
+        ("UNKNOWN_TOKENIZER", kv("tokenizer.ggml.model", "bogus", V.STRING), "llama", "error",
+         "tokenizer"),
         ("MISSING_MERGES", s(kv={"tokenizer.ggml.merges": None}), "llama", "error", "merges"),
         ("HEAD_COUNT_ZERO", kv("llama.attention.head_count", 0), "llama", "error", "shape"),
         ("HEAD_COUNT_KV_ZERO", kv("llama.attention.head_count_kv", 0), "llama", "error", "shape"),
-        (
-            "UNKNOWN_ARCH",
-            kv("general.architecture", "llamaX", V.STRING),
-            "header",
-            "error",
-            "block_count",
-        ),
-        (
-            "HEADS_NOT_DIVIDING",
-            kv("llama.attention.head_count", 5),
-            "header",
-            "error",
-            "dimension_count",
-        ),
-        (
-            "BOS_OUT_OF_RANGE",
-            kv("tokenizer.ggml.bos_token_id", 10**6),
-            "header",
-            "load",
-            "bos_token_id",
-        ),
+        ("UNKNOWN_ARCH", kv("general.architecture", "llamaX", V.STRING), "header", "error",
+         "block_count"),
+        ("HEADS_NOT_DIVIDING", kv("llama.attention.head_count", 5), "header", "error",
+         "dimension_count"),
+        ("BOS_OUT_OF_RANGE", kv("tokenizer.ggml.bos_token_id", 10**6), "header", "load",
+         "bos_token_id"),
+        ("BYTE_TOKENS_MISSPELLED", s(kv=all_bytes), "header", "error", "<0xXX>"),
         ("DUPLICATE_TOKEN", s(tokens=dup_tokens), "header", "abort", "duplicate"),
         ("DUPLICATE_TOKEN_AFTER_NUL", s(tokens=nul_tokens), "header", "abort", "duplicate"),
-        (
-            "ROPE_SCALING_UNKNOWN",
-            kv("llama.rope.scaling.type", "bogus", V.STRING),
-            "header",
-            "abort",
-            "rope.scaling.type",
-        ),
+        ("ROPE_SCALING_UNKNOWN", kv("llama.rope.scaling.type", "bogus", V.STRING), "header",
+         "abort", "rope.scaling.type"),
         ("TOO_MANY_LAYERS", kv("llama.block_count", 513), "header", "abort", "block_count"),
-        (
-            "EXPERTS_USED_WITHOUT_EXPERTS",
-            kv("llama.expert_used_count", 2),
-            "header",
-            "abort",
-            "expert",
-        ),
-        (
-            "TOKENIZER_NONE",
-            kv("tokenizer.ggml.model", "none", V.STRING),
-            "header",
-            "abort",
-            "tokenizer.ggml.model",
-        ),
-        (
-            "SPM_WITHOUT_BYTE_TOKENS",
-            kv("tokenizer.ggml.model", "llama", V.STRING),
-            "header",
-            "abort",
-            "byte tokens",
-        ),
-        (
-            "BYTE_TOKENS_MISSPELLED",
-            s(kv={"tokenizer.ggml.token_type": ([6] * len(tokens), V.ARRAY, V.INT32)}),
-            "header",
-            "error",
-            "<0xXX>",
-        ),
-        (
-            "BYTE_TOKEN_IN_WORDPIECE",
-            s(
-                tokens=byte_tokens,
-                kv={
-                    "tokenizer.ggml.token_type": (byte_types, V.ARRAY, V.INT32),
-                    "tokenizer.ggml.model": ("bert", V.STRING, None),
-                },
-            ),
-            "header",
-            "abort",
-            "<0xXX>",
-        ),
-    ]
+        ("EXPERTS_USED_WITHOUT_EXPERTS", kv("llama.expert_used_count", 2), "header", "abort",
+         "expert"),
+        ("TOKENIZER_NONE", kv("tokenizer.ggml.model", "none", V.STRING), "header", "abort",
+         "tokenizer.ggml.model"),
+        ("SPM_WITHOUT_BYTE_TOKENS", kv("tokenizer.ggml.model", "llama", V.STRING), "header",
+         "abort", "byte tokens"),
+        ("BYTE_TOKEN_IN_WORDPIECE", s(tokens=byte_tokens, kv=byte_kv), "header", "abort",
+         "<0xXX>"),
+    ]  # fmt: skip
     return [ModelCase(*row) for row in table]
 
 
-# --- fuzzing ---------------------------------------------------------------------------------------
+# --- fuzzing ------------------------------------------------------------------------------------
 
 # Names llama.cpp gives meaning to: tokenizer models, architectures, pre-tokenizers, rope types.
 NAMES = (
