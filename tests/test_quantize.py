@@ -197,6 +197,17 @@ def test_imatrix_is_passed_to_the_engine(demo_f16_path, tmp_path):
         quantize(demo_f16_path, tmp_path / "x.gguf", "Q4_0", imatrix=broken)
 
 
+@pytest.mark.slow
+def test_imatrix_type_with_an_imatrix(demo_f16_path, tmp_path):
+    """IQ2_XXS, which llama.cpp refuses without an imatrix, works with one (a slow grid search)."""
+    imat = tmp_path / "ones.dat"
+    _write_legacy_imatrix(imat, demo_f16_path)
+    res = quantize(demo_f16_path, tmp_path / "iq2.gguf", "IQ2_XXS", imatrix=imat, threads=2)
+    types = read_header(res.path).type_counts()
+    assert "IQ2_XXS" in types, types
+    assert _leftovers(tmp_path) == []
+
+
 def test_not_enough_disk_space(demo_f16_path, tmp_path, monkeypatch):
     # A full disk can't be arranged here; the free-space figure is the boundary we fake.
     real = shutil.disk_usage
