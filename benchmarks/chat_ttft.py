@@ -15,8 +15,10 @@ most --max-tokens tokens, the GGUF's chat template, a system prompt):
                        machine); its prompt tokens evaluated are counted by wrapping Llama.eval.
 
 TTFT is wall time from the call to the first chunk with text, measured by this script for all
-three (so ondevice's template rendering and tokenization are included). Rounds alternate the
-three (ondevice, no reuse, llama-cpp-python, ondevice, ...) and each turn's median is reported.
+three (so ondevice's template rendering and tokenization are included). The three take turns,
+turn by turn (ondevice turn 1, no reuse turn 1, llama-cpp-python turn 1, ondevice turn 2, ...),
+so that the load of a shared machine hits them alike; each turn's median over the rounds is
+reported.
 
     python benchmarks/chat_ttft.py                  # demo model, 3 rounds, print the table
     python benchmarks/chat_ttft.py --rounds 5 --write-results
@@ -72,9 +74,9 @@ def counting_eval(tokens):
     return _eval(tokens)
 llm.eval = counting_eval
 messages = [{"role": "system", "content": cfg["system"]}]
-out = []
-for q in cfg["questions"]:
-    messages.append({"role": "user", "content": q})
+print("ready", flush=True)
+for line in sys.stdin:  # one question per line (JSON), one answer per line
+    messages.append({"role": "user", "content": json.loads(line)})
     evals.clear()
     t0 = time.perf_counter()
     ttft = None
@@ -89,66 +91,63 @@ for q in cfg["questions"]:
     reused, evaluated = evals[0]
     reply = "".join(parts)
     messages.append({"role": "assistant", "content": reply})
-    out.append({"ttft_s": ttft, "prompt_tokens": reused + evaluated,
-                "prompt_eval_tokens": evaluated, "reply": reply})
-print(json.dumps(out))
+    print(json.dumps({"ttft_s": ttft, "prompt_tokens": reused + evaluated,
+                      "prompt_eval_tokens": evaluated, "reply": reply}), flush=True)
 """
 
 
-def run_ondevice(model, reuse: bool, max_tokens: int) -> list[dict]:
-    """One conversation; per turn: wall TTFT, prompt tokens, prompt tokens evaluated."""
-    model.reset()
-    conv = model.conversation(SYSTEM, temperature=0, max_tokens=max_tokens)
-    out = []
-    for q in QUESTIONS:
-        t0 = time.perf_counter()
-        ttft = None
-        if reuse:
-            stream = conv.stream(q)
-        else:
-            model.reset()
-            history = [*conv.messages, {"role": "user", "content": q}]
-            stream = model.chat(history, temperature=0, max_tokens=max_tokens)
-        parts, final = [], None
-        for chunk in stream:
-            if chunk.text and ttft is None:
-                ttft = time.perf_counter() - t0
-            parts.append(chunk.text)
-            final = chunk.stats or final
-        if not reuse:  # keep the history the same shape as the reuse run's
-            conv._turns += [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": "".join(parts).strip()},
-            ]
-        out.append(
-            {
-                "ttft_s": ttft if ttft is not None else final.ttft_s,
-                "prompt_tokens": final.prompt_tokens,
-                "prompt_eval_tokens": final.prompt_eval_tokens,
-                "reply": "".join(parts),
-            }
-        )
-    return out
-
-
-def run_llama_cpp(model_path: str, n_ctx: int, threads: int, max_tokens: int) -> list[dict]:
-    cfg = {
-        "model": model_path,
-        "n_ctx": n_ctx,
-        "threads": threads,
-        "system": SYSTEM,
-        "questions": QUESTIONS,
-        "max_tokens": max_tokens,
+def ondevice_turn(conv, question: str, fresh: bool) -> dict:
+    """One turn; wall TTFT, prompt tokens, prompt tokens evaluated. `fresh` empties the KV
+    cache first, so the whole history is evaluated again."""
+    if fresh:
+        conv.model.reset()
+    t0 = time.perf_counter()
+    ttft = None
+    parts, final = [], None
+    for chunk in conv.stream(question):
+        if chunk.text and ttft is None:
+            ttft = time.perf_counter() - t0
+        parts.append(chunk.text)
+        final = chunk.stats or final
+    return {
+        "ttft_s": ttft if ttft is not None else final.ttft_s,
+        "prompt_tokens": final.prompt_tokens,
+        "prompt_eval_tokens": final.prompt_eval_tokens,
+        "reply": "".join(parts),
     }
-    proc = subprocess.run(
-        [sys.executable, "-c", LLAMA_CPP_CHILD, json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-cpp-python child failed ({proc.returncode}): {proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class LlamaCppChild:
+    """llama-cpp-python's high-level chat in a child process, one turn per request."""
+
+    def __init__(self, model_path: str, n_ctx: int, threads: int, max_tokens: int) -> None:
+        cfg = {
+            "model": model_path,
+            "n_ctx": n_ctx,
+            "threads": threads,
+            "system": SYSTEM,
+            "max_tokens": max_tokens,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LLAMA_CPP_CHILD, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the llama-cpp-python child did not start")
+
+    def turn(self, question: str) -> dict:
+        self.proc.stdin.write(json.dumps(question) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama-cpp-python child died ({self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def table(runs: dict[str, list[list[dict]]]) -> tuple[str, dict[str, float]]:
@@ -191,15 +190,33 @@ def main() -> None:
     runs: dict[str, list[list[dict]]] = {"ondevice": [], "ondevice, no reuse": []}
     if not args.no_llama_cpp:
         runs["llama-cpp-python"] = []
-    with ondevice.load(path, n_ctx=args.ctx, threads=args.threads) as model:
-        run_ondevice(model, True, args.max_tokens)  # warm-up (page cache, first-call costs)
+    load = {"n_ctx": args.ctx, "threads": args.threads}
+    # Two models: the no-reuse runs empty their KV cache every turn, which would wipe the
+    # reusing conversation's if they shared one.
+    with ondevice.load(path, **load) as model, ondevice.load(path, **load) as fresh_model:
+        # warm-up (page cache, first-call costs)
+        ondevice_turn(model.conversation(SYSTEM, temperature=0), QUESTIONS[0], False)
+        ondevice_turn(fresh_model.conversation(SYSTEM, temperature=0), QUESTIONS[0], True)
         for r in range(args.rounds):
-            runs["ondevice"].append(run_ondevice(model, True, args.max_tokens))
-            runs["ondevice, no reuse"].append(run_ondevice(model, False, args.max_tokens))
-            if not args.no_llama_cpp:
-                runs["llama-cpp-python"].append(
-                    run_llama_cpp(path, args.ctx, args.threads, args.max_tokens)
-                )
+            model.reset()
+            opts = {"temperature": 0, "max_tokens": args.max_tokens}
+            conv = model.conversation(SYSTEM, **opts)
+            fresh = fresh_model.conversation(SYSTEM, **opts)
+            child = (
+                None
+                if args.no_llama_cpp
+                else LlamaCppChild(path, args.ctx, args.threads, args.max_tokens)
+            )
+            rows: dict[str, list[dict]] = {name: [] for name in runs}
+            for q in QUESTIONS:  # the three take turns, turn by turn
+                rows["ondevice"].append(ondevice_turn(conv, q, False))
+                rows["ondevice, no reuse"].append(ondevice_turn(fresh, q, True))
+                if child is not None:
+                    rows["llama-cpp-python"].append(child.turn(q))
+            if child is not None:
+                child.close()
+            for name in runs:
+                runs[name].append(rows[name])
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         settings = (
             f"n_ctx {model.n_ctx}, {model.threads} threads, {model.backend}, greedy, replies of "
@@ -213,8 +230,8 @@ def main() -> None:
             SECTION,
             "",
             f"`{cmd}`, {time.strftime('%Y-%m-%d')}, model {Path(path).name}; {settings}. "
-            f"{args.rounds} interleaved rounds (ondevice, ondevice without reuse, "
-            "llama-cpp-python, ...), medians per turn. Machine: " + machine_line() + ".",
+            f"{args.rounds} rounds; within a round the three take turns, turn by turn; medians "
+            "per turn. Machine: " + machine_line() + ".",
             "",
             "Each cell: prompt tokens / prompt tokens evaluated, time to first token (wall, from "
             "the call to the first text). `ondevice, no reuse` resets the KV cache before each "
