@@ -65,6 +65,9 @@ class Job:
     writing: Callable[[], bool]  # has it started writing its output?
     reference: str = ""  # sha256 of a normal run's output
     seconds: float = 0.0  # a normal run's duration
+    write_seconds: float = 0.0  # how long its output is being written (a temp file exists)
+    kills: int = 0
+    mid_write: int = 0  # signals that arrived while the output was being written
     leftovers: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
 
@@ -84,10 +87,24 @@ class Job:
 
 
 def calibrate(job: Job) -> Job:
+    """A normal run: its output (the reference), its duration, and how long it writes."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "ondevice", *job.args],
+        env=job.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     t0 = time.perf_counter()
-    proc = job.run()
+    started = None
+    while proc.poll() is None:
+        if started is None and job.writing():
+            started = time.perf_counter()
+        time.sleep(0.002)
     job.seconds = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    job.write_seconds = time.perf_counter() - started if started else job.seconds
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    proc.stderr.close()
     (out,) = job.outputs()
     read_header(out)
     job.reference = sha256(out)
@@ -109,7 +126,7 @@ def interrupt(job: Job, sig: signal.Signals, rng: random.Random, after_write_sta
     if after_write_starts:
         while proc.poll() is None and not job.writing() and time.perf_counter() - t0 < 120:
             time.sleep(0.005)
-        delay = rng.uniform(0, max(0.05, job.seconds - (time.perf_counter() - t0)))
+        delay = rng.uniform(0, job.write_seconds)  # inside the write, as far as timing goes
     else:
         delay = rng.uniform(0.1, job.seconds)
     deadline = time.perf_counter() + delay
@@ -117,7 +134,9 @@ def interrupt(job: Job, sig: signal.Signals, rng: random.Random, after_write_sta
         time.sleep(0.005)
     at = time.perf_counter() - t0
     descendants = []
+    job.kills += 1
     if proc.poll() is None:
+        job.mid_write += job.writing()
         try:
             descendants = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -170,8 +189,9 @@ def exercise(job: Job, seeds: range, signals: tuple[signal.Signals, ...]) -> Non
 
 def report(job: Job) -> None:
     print(
-        f"\n{job.name}: normal run {job.seconds:.1f}s; after SIGKILL {len(job.leftovers)} "
-        f"leftover temp file(s), {len(job.orphans)} orphaned child process(es)"
+        f"\n{job.name}: normal run {job.seconds:.1f}s (writing {job.write_seconds:.2f}s); "
+        f"{job.kills} signals, {job.mid_write} while writing; after SIGKILL "
+        f"{len(job.leftovers)} leftover temp file(s), {len(job.orphans)} orphaned child(ren)"
     )
     for line in (job.leftovers + job.orphans)[:10]:
         print("   ", line)
