@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 SECTION = "## fit: predicted vs measured peak RSS (issue 6)"
 
 
-def child(model: str, n_ctx: int, kv_type: str, threads: int) -> dict:
+def child(model: str, n_ctx: int, kv_type: str, threads: int, flash_attn: str = "auto") -> dict:
     """Runs in the fresh process: load, fill, generate; every memory reading on the way."""
     import random
 
@@ -39,7 +39,9 @@ def child(model: str, n_ctx: int, kv_type: str, threads: int) -> dict:
     engine.init_backend()
     base = stats.memory_breakdown()
     with bench.native_log_lines() as lines:
-        m = ondevice.load(model, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
+        m = ondevice.load(
+            model, n_ctx=n_ctx, threads=threads, kv_type=kv_type, flash_attn=flash_attn
+        )
     loaded = stats.memory_breakdown()
     bufs = bench.buffer_sizes(lines)
     rng = random.Random(0)
@@ -60,17 +62,18 @@ def child(model: str, n_ctx: int, kv_type: str, threads: int) -> dict:
         "peak_rss_bytes": stats.peak_rss_bytes(),
         "llama_buffers": bufs,
         "repack": bool(m.engine.config.use_extra_bufts),
+        "flash_attn": m.engine.config.flash_attn,
         "kv_bytes_model": m.kv_bytes,
     }
 
 
-def measure(path: Path, n_ctx: int, kv_type: str, threads: int) -> dict:
+def measure(path: Path, n_ctx: int, kv_type: str, threads: int, flash_attn: str = "auto") -> dict:
     out = subprocess.run(
         [
             sys.executable,
             str(Path(__file__).resolve()),
             "--child",
-            json.dumps([str(path), n_ctx, kv_type, threads]),
+            json.dumps([str(path), n_ctx, kv_type, threads, flash_attn]),
         ],
         check=True,
         capture_output=True,
@@ -92,8 +95,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        model, n_ctx, kv_type, threads = json.loads(args.child)
-        print(json.dumps(child(model, n_ctx, kv_type, threads)))
+        print(json.dumps(child(*json.loads(args.child))))
         return
 
     from bench_vs_llama_bench import model_path
