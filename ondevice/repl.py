@@ -282,8 +282,7 @@ class Repl:
                     self.stdout.write("\n")
                 self._error(exc)
                 return None
-        if wrote or final is None or final.finish_reason != "cancelled":
-            self.stdout.write("\n")
+        self.stdout.write("\n")
         self.stdout.flush()
         if final is None:
             return None
