@@ -59,16 +59,22 @@ def model_path(name: str) -> Path:
     return path
 
 
+PASSIVE = False  # --passive: OMP_WAIT_POLICY=PASSIVE for every child (both sides)
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
+    if PASSIVE:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["ONDEVICE_HOME"] = str(TUNE_HOME)
     return env
 
 
 def run_tune(path: Path, ctx: int, budget: float, reuse: bool) -> dict:
     """The tuner's JSON result (a saved one with --reuse)."""
-    saved = CACHE / "tune-results" / f"{path.stem}-ctx{ctx}.json"
+    tag = "-passive" if PASSIVE else ""
+    saved = CACHE / "tune-results" / f"{path.stem}-ctx{ctx}{tag}.json"
     if reuse and saved.is_file():
         return json.loads(saved.read_text())
     cmd = [sys.executable, "-m", "ondevice", "tune", str(path), "--workload", "chat"]
@@ -166,6 +172,27 @@ def measure(name: str, ctx: int, rounds: int, reps: int, budget: float, reuse: b
 GOALS = {"pp512": ">= 1.3x", "tg32": "", "rss": "<= 0.75x"}
 
 
+def probe_table(res: dict) -> str:
+    """The tuner's own measurements: every candidate, in the order measured."""
+    rows = [
+        "| candidate (tuner's probes, in order) | chat workload tok/s | tg tok/s by depth "
+        "| peak RSS | status |",
+        "|---|---|---|---|---|",
+    ]
+    for p in res["tune"]["probes"]:
+        s = p["settings"]
+        label = (
+            f"t={s['threads']} fa={s['flash_attn']} kv={s['kv_type']} ub={s['n_ubatch']} "
+            f"mmap={'on' if s['use_mmap'] else 'off'}"
+        )
+        tps = f"{res['ctx'] / p['cost']:.1f}" if p.get("cost") else "-"
+        tg = ", ".join(f"{d}: {v:.1f}" for d, v in p["tg"].items()) or "-"
+        rss = f"{p['peak_rss_bytes'] / 2**20:.0f} MiB" if p["peak_rss_bytes"] else "-"
+        status = p["status"] + (f" ({p['reason'][:80]})" if p["reason"] else "")
+        rows.append(f"| {label} | {tps} | {tg} | {rss} | {status} |")
+    return "\n".join(rows)
+
+
 def table(res: dict) -> str:
     m = res["medians"]
     s = res["settings"]
@@ -213,8 +240,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="llama-bench -r inside each round")
     ap.add_argument("--time-budget", type=float, default=600, help="seconds for each tune")
     ap.add_argument("--reuse", action="store_true", help="reuse a saved tuning result")
+    ap.add_argument("--passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE in every child")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
+    global PASSIVE
+    PASSIVE = args.passive
     results = [
         measure(n.strip(), args.ctx, args.rounds, args.reps, args.time_budget, args.reuse)
         for n in args.models.split(",")
@@ -222,7 +252,7 @@ def main() -> None:
     ]
     out = CACHE / "tune-results" / f"vs-defaults-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1))
-    tables = "\n\n".join(table(r) for r in results)
+    tables = "\n\n".join(table(r) + "\n\n" + probe_table(r) for r in results)
     print(tables)
     if not args.write_results:
         return
@@ -233,13 +263,20 @@ def main() -> None:
             f"`python benchmarks/tune_vs_defaults.py --models {args.models} --ctx {args.ctx} "
             f"--rounds {args.rounds} --reps {args.reps} --time-budget {args.time_budget:g}"
             + (" --reuse" if args.reuse else "")
+            + (" --passive" if args.passive else "")
             + f" --write-results`, {time.strftime('%Y-%m-%d')}. Machine: {machine_line()}. "
             "llama.cpp defaults = llama-bench's defaults with `--repack 0` (this build's AMX "
             "kernels, reached by repacking, crash here, so repacking is off on both sides and "
             "is not a tuner candidate); tuned = llama-bench with the flags of the settings "
             "`ondevice tune --workload chat` stored. Medians of interleaved rounds "
             f"(defaults/tuned alternating first), each llama-bench run -r {args.reps}; peak RSS "
-            "is the llama-bench child's at the deep test's context. Raw runs: "
+            "is the llama-bench child's at the deep test's context. OpenMP waits: "
+            + (
+                "OMP_WAIT_POLICY=PASSIVE in every child (both sides). "
+                if args.passive
+                else "the default (spinning), as users and llama-bench run. "
+            )
+            + "Raw runs: "
             f"~/.cache/ondevice-bench/tune-results/{out.name}.",
             "",
             tables,

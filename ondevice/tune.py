@@ -64,6 +64,9 @@ TIE = 0.03
 KL_MAX = 0.01
 TOP1_MIN = 0.90
 TG_BLOCK = 32  # single-token decodes per depth point
+# A probe running this many times longer than the incumbent's is stopped: it is slower anyway
+# (the successive-halving idea: don't finish measuring a loser).
+ABORT_FACTOR = 3.0
 
 # The fixed text of the faithfulness check: plain prose, ~200 tokens for most vocabularies.
 FAITH_TEXT = (
@@ -243,15 +246,22 @@ def measure(
     seed: int = 7,
     tg_block: int = TG_BLOCK,
     probe: Probe | None = None,
+    deadline: float | None = None,
 ) -> Probe:
     """Load `path` with `settings` (untuned) and measure the workload's segments; adds one run
-    to `probe` (a new one by default)."""
+    to `probe` (a new one by default). Raises TooSlow when perf_counter() passes `deadline`."""
     import ondevice
     from ondevice import bench, stats
 
     probe = probe or Probe(settings)
     rng = random.Random(seed)
     t_wall = time.perf_counter()
+
+    def check() -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            probe.wall_s += time.perf_counter() - t_wall
+            raise TooSlow(f"stopped after {time.perf_counter() - t_wall:.0f} s")
+
     with bench.native_log_lines() as lines:
         m = ondevice.load(path, n_ctx=n_ctx, tune=False, backend="auto", **settings.load_kwargs())
     probe.flash_attn_resolved = _resolved_fa(lines, settings.flash_attn)
@@ -276,6 +286,7 @@ def measure(
                 sec = _time_decode(eng, bench.random_tokens(rng, nv, s.tokens, bos))
                 whole[s] = sec
                 probe.pp[f"{s.tokens}@{s.depth0}"] = s.tokens / sec
+                check()
                 for t in segments:
                     if t.kind == "tg" and t.depth0 == s.depth1:
                         gsec = bench.gen_seconds(eng, block, None, rng, nv)
@@ -287,12 +298,14 @@ def measure(
             if d > depth:  # untimed fill to the next point, in big batches
                 eng.decode(bench.random_tokens(rng, nv, d - depth, bos if depth == 0 else None))
                 depth = d
+                check()
             for s in segments:
                 if s.kind == "pp" and s.chunk < s.tokens and s.depth0 <= d < s.depth1:
                     sec = _time_decode(eng, bench.random_tokens(rng, nv, s.chunk, None))
                     pp_pts.setdefault(s, []).append((d, sec / s.chunk))
                     probe.pp[f"{s.chunk}@{d}"] = s.chunk / sec
                     eng.kv_keep(d)
+                    check()
                 if s.kind == "tg" and s.depth0 <= d < max(s.depth1, s.depth0 + 1):
                     if d not in spent:
                         gsec = bench.gen_seconds(eng, block, bos if d == 0 else None, rng, nv)
@@ -300,6 +313,7 @@ def measure(
                         tg_pts.append((d, gsec / block))
                         probe.tg[d] = block / gsec
                         eng.kv_keep(d)
+                        check()
         probe.peak_rss_bytes = max(probe.peak_rss_bytes, stats.peak_rss_bytes())
     cost = 0.0
     for s in segments:
@@ -313,6 +327,10 @@ def measure(
     probe.costs.append(cost)
     probe.wall_s += time.perf_counter() - t_wall
     return probe
+
+
+class TooSlow(Exception):
+    """A probe passed its deadline (it is slower than the incumbent)."""
 
 
 def _resolved_fa(lines: list[str], asked: str) -> str:
@@ -544,6 +562,8 @@ def tune(
             flash_attn=s.flash_attn != "off",
         ).predicted_peak_bytes
 
+    best: Probe | None = None  # the incumbent
+
     def run(s: Settings, p: Probe | None = None) -> Probe:
         p = p or Probe(s, predicted_peak_bytes=predicted(s))
         if not any(q is p for q in probes):
@@ -553,11 +573,19 @@ def tune(
             p.reason = f"predicted peak {_mib(p.predicted_peak_bytes)} > budget {_mib(ram_budget)}"
             say(f"  {s.label()}: {p.reason}")
             return p
+        # Stop a candidate that takes ABORT_FACTOR x the incumbent's time (not the defaults').
+        inc = best if best is not None and p is not best and best.costs else None
+        deadline = time.perf_counter() + ABORT_FACTOR * inc.wall_s / len(inc.costs) if inc else None
         try:
-            measure(path, s, segments, ctx, probe=p, seed=7 + len(p.costs))
+            measure(path, s, segments, ctx, probe=p, seed=7 + len(p.costs), deadline=deadline)
         except OndeviceError as exc:
             p.status, p.reason = "failed", exc.one_line()
             say(f"  {s.label()}: failed ({p.reason})")
+            return p
+        except TooSlow as exc:
+            p.status = "aborted"
+            p.reason = f"{exc}: over {ABORT_FACTOR:g}x the incumbent's probe time, so slower"
+            say(f"  {s.label()}: {p.reason}")
             return p
         if ram_budget is not None and p.peak_rss_bytes > ram_budget:
             p.status = "excluded"
@@ -721,7 +749,8 @@ def _how(
         "interpolated linearly in depth and averaged over each segment's depths, so the cost "
         "is the workload's estimated time. Coordinate descent from the defaults over "
         f"{', '.join(knobs)}; candidates closer than {RECHECK:.0%} were measured again, "
-        f"within {TIE:.0%} the incumbent stayed unless another needed >5% less memory; "
+        f"within {TIE:.0%} the incumbent stayed unless another needed >5% less memory, and "
+        f"a candidate still running at {ABORT_FACTOR:g}x the incumbent's probe time was stopped; "
         f"numerics-changing settings had to keep KL <= {KL_MAX} and top-1 >= {TOP1_MIN:.0%} "
         "against the defaults."
     )
