@@ -67,6 +67,7 @@ class Job:
     seconds: float = 0.0  # a normal run's duration
     write_seconds: float = 0.0  # how long its output is being written (a temp file exists)
     kills: int = 0
+    stale: list[str] = field(default_factory=list)  # temp files a successful rerun left alone
     mid_write: int = 0  # signals that arrived while the output was being written
     leftovers: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
@@ -184,6 +185,8 @@ def exercise(job: Job, seeds: range, signals: tuple[signal.Signals, ...]) -> Non
             assert proc.returncode == 0, f"{job.name} after {what}: {proc.stderr[-2000:]}"
             assert len(job.outputs()) == 1
             job.check_outputs_complete()
+            # 3. what a killed run left behind, still there after a successful run
+            job.stale += [f"{job.name} {what}: {p.name}" for p in job.temps()]
             job.reset()
 
 
@@ -193,7 +196,8 @@ def report(job: Job) -> None:
         f"{job.kills} signals, {job.mid_write} while writing; after SIGKILL "
         f"{len(job.leftovers)} leftover temp file(s), {len(job.orphans)} orphaned child(ren)"
     )
-    for line in (job.leftovers + job.orphans)[:10]:
+    print(f"    still there after the next successful run: {len(job.stale)}")
+    for line in (job.leftovers + job.orphans)[:6]:
         print("   ", line)
 
 
@@ -329,6 +333,12 @@ def _check_store_entries(job: Job) -> None:
 # --- kills ---------------------------------------------------------------------------------------
 
 SIGNALS = (signal.SIGKILL, signal.SIGINT)
+STALE_TEMPS_KNOWN = {
+    "convert": "convert's .partial has no owner pid and nothing removes stale ones "
+    "(O_TMPFILE + linkat would leave nothing to remove)",
+    "quantize": "quantize's worker outlives a killed parent and finishes its .partial "
+    "(PR_SET_PDEATHSIG in the worker; remove .partial files whose pid is gone)",
+}
 
 
 @pytest.mark.parametrize("name, sig", [("convert", signal.SIGKILL), ("quantize", signal.SIGINT)])
@@ -353,6 +363,13 @@ def test_killed_at_20_random_moments(name, request):
     if name == "pull":
         _check_store_entries(job)
     report(job)
+    # Everything above is required. A temp file that a SIGKILLed run left and the next
+    # successful run did not clear is garbage on the user's disk: known for convert and
+    # quantize (issues 4 and 5A), required of pull.
+    if job.stale and name in STALE_TEMPS_KNOWN:
+        pytest.xfail(f"{len(job.stale)} temp files of killed runs outlive the next run: "
+                     f"{STALE_TEMPS_KNOWN[name]}")  # fmt: skip
+    assert job.stale == []
 
 
 # --- disk full ------------------------------------------------------------------------------------
