@@ -20,8 +20,13 @@ over a fixed text, with every position's logits (ondevice.tune.check_faithful).
 The child processes run without OMP_WAIT_POLICY (the test suite sets it to PASSIVE): users run
 with OpenMP's default, spinning waits, and so does llama-bench.
 
-    python benchmarks/tune_vs_defaults.py --models demo --rounds 3 --write-results
-    python benchmarks/tune_vs_defaults.py --models demo,q4km,q8 --time-budget 900 --reuse
+    python benchmarks/tune_vs_defaults.py --models demo --rounds 3 --reps 1 --write-results
+    python benchmarks/tune_vs_defaults.py --models q4km --rounds 2 --reps 1 --passive \
+        --time-budget 1200 --write-results
+    python benchmarks/tune_vs_defaults.py --add-raw ~/.cache/ondevice-bench/tune-results/X.json
+
+Each run adds its models to tune-results/results-index.json; --write-results renders every
+model in that index into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -232,6 +237,42 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+INDEX = CACHE / "tune-results" / "results-index.json"
+
+
+def render(entries: list[dict]) -> str:
+    """The RESULTS.md section: what was compared, then one block per model."""
+    head = (
+        f"{SECTION}\n\n"
+        "llama.cpp defaults = llama-bench's defaults (flash attention auto, its default thread "
+        "count, n_batch 2048 / n_ubatch 512, f16 KV, mmap) with `--repack 0`: this build's AMX "
+        "kernels, reached by weight repacking, crash on this machine, so repacking is off on both "
+        "sides and is not a tuner candidate. Tuned = llama-bench with the flags of the settings "
+        "`ondevice tune --workload chat` stored. Medians of interleaved rounds (which side goes "
+        "first alternates); peak RSS is the llama-bench child's (wait4) in the deep test, whose "
+        "context is the tuning's. KL: ondevice.tune.check_faithful, tuned vs llama.cpp's defaults "
+        "(flash attention on, what llama.cpp's auto picks on a CPU), on a fixed text."
+    )
+    blocks = [head]
+    for r in entries:
+        run = r.get("run", {})
+        blocks.append(
+            f"### {r['name']}: {Path(r['path']).name}\n\n"
+            f"`{run.get('command', '?')}`, {run.get('date', '?')}. Machine: "
+            f"{run.get('machine', '?')}. OpenMP waits: "
+            + (
+                "OMP_WAIT_POLICY=PASSIVE in every child (both sides)"
+                if run.get("passive")
+                else "the default (spinning), as users and llama-bench run"
+            )
+            + f". Raw runs: ~/.cache/ondevice-bench/tune-results/{run.get('raw', '?')}.\n\n"
+            + table(r)
+            + "\n\n"
+            + probe_table(r)
+        )
+    return "\n\n".join(blocks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="demo", help="comma-separated: demo, q4km, q8 or paths")
@@ -241,48 +282,41 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=600, help="seconds for each tune")
     ap.add_argument("--reuse", action="store_true", help="reuse a saved tuning result")
     ap.add_argument("--passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE in every child")
+    ap.add_argument(
+        "--add-raw", help="add an earlier run's raw JSON file to the results, measure nothing"
+    )
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     global PASSIVE
     PASSIVE = args.passive
-    results = [
-        measure(n.strip(), args.ctx, args.rounds, args.reps, args.time_budget, args.reuse)
-        for n in args.models.split(",")
-        if n.strip()
-    ]
-    out = CACHE / "tune-results" / f"vs-defaults-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=1))
-    tables = "\n\n".join(table(r) + "\n\n" + probe_table(r) for r in results)
-    print(tables)
-    if not args.write_results:
-        return
-    text = "\n".join(
-        [
-            SECTION,
-            "",
-            f"`python benchmarks/tune_vs_defaults.py --models {args.models} --ctx {args.ctx} "
-            f"--rounds {args.rounds} --reps {args.reps} --time-budget {args.time_budget:g}"
-            + (" --reuse" if args.reuse else "")
-            + (" --passive" if args.passive else "")
-            + f" --write-results`, {time.strftime('%Y-%m-%d')}. Machine: {machine_line()}. "
-            "llama.cpp defaults = llama-bench's defaults with `--repack 0` (this build's AMX "
-            "kernels, reached by repacking, crash here, so repacking is off on both sides and "
-            "is not a tuner candidate); tuned = llama-bench with the flags of the settings "
-            "`ondevice tune --workload chat` stored. Medians of interleaved rounds "
-            f"(defaults/tuned alternating first), each llama-bench run -r {args.reps}; peak RSS "
-            "is the llama-bench child's at the deep test's context. OpenMP waits: "
-            + (
-                "OMP_WAIT_POLICY=PASSIVE in every child (both sides). "
-                if args.passive
-                else "the default (spinning), as users and llama-bench run. "
-            )
-            + "Raw runs: "
-            f"~/.cache/ondevice-bench/tune-results/{out.name}.",
-            "",
-            tables,
+    if args.add_raw:
+        results = json.loads(Path(args.add_raw).read_text())
+    else:
+        results = [
+            measure(n.strip(), args.ctx, args.rounds, args.reps, args.time_budget, args.reuse)
+            for n in args.models.split(",")
+            if n.strip()
         ]
-    )
-    write_results(text, SECTION)
+        out = CACHE / "tune-results" / f"vs-defaults-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        command = "python benchmarks/tune_vs_defaults.py " + " ".join(sys.argv[1:])
+        for r in results:
+            r["run"] = {
+                "command": command,
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": machine_line(),
+                "passive": args.passive,
+                "raw": out.name,
+            }
+        out.write_text(json.dumps(results, indent=1))
+    index = json.loads(INDEX.read_text()) if INDEX.is_file() else {}
+    for r in results:
+        index[r["name"]] = r
+    INDEX.write_text(json.dumps(index, indent=1))
+    print("\n\n".join(table(r) + "\n\n" + probe_table(r) for r in results))
+    if args.write_results:
+        order = ["demo", "q4km", "q8"]
+        entries = sorted(index.values(), key=lambda r: (order + [r["name"]]).index(r["name"]))
+        write_results(render(entries), SECTION)
 
 
 if __name__ == "__main__":
