@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -72,9 +71,12 @@ class Job:
     leftovers: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
 
-    def run(self, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, shell_limits: str = "", **kwargs) -> subprocess.CompletedProcess:
+        # Limits go through the shell (`ulimit`), not a preexec_fn: the fake hub's server
+        # thread may be running in this process.
+        prefix = ["/bin/sh", "-c", f'{shell_limits} && exec "$0" "$@"'] if shell_limits else []
         return subprocess.run(
-            [PYTHON, "-m", "ondevice", *self.args],
+            [*prefix, PYTHON, "-m", "ondevice", *self.args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -375,13 +377,6 @@ def test_killed_at_20_random_moments(name, request):
 # --- disk full ------------------------------------------------------------------------------------
 
 
-def _limit_file_size(n_bytes: int) -> Callable[[], None]:
-    def preexec() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
-
-    return preexec
-
-
 QUANTIZE_DISK_FULL = pytest.mark.xfail(
     strict=True,
     reason="ondevice.quantize passes on llama.cpp's 'basic_ios::clear: iostream error', which "
@@ -403,7 +398,7 @@ def assert_disk_full_error(proc: subprocess.CompletedProcess) -> None:
 )
 def test_file_size_limit_is_a_clear_error_and_leaves_nothing(name, request):
     job = request.getfixturevalue(f"{name}_job")
-    proc = job.run(preexec_fn=_limit_file_size(1 << 20))  # the outputs are 4-7 MB
+    proc = job.run(shell_limits="ulimit -f 2048")  # 1 MiB (512-byte blocks); outputs: 4-7 MB
     try:
         assert job.outputs() == [] and job.temps() == []
         assert_disk_full_error(proc)
