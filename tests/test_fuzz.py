@@ -76,7 +76,7 @@ def _run_once(args: list[str], env: dict[str, str]) -> tuple[int | str, float, s
     # 5 s of CPU time per command, enforced by the kernel (SIGXCPU): the bound holds however
     # busy the shared machine is, where a wall-clock limit would measure the other tenants.
     # Set by the shell, not a preexec_fn: the fuzzer runs commands from two threads.
-    limited = ["/bin/sh", "-c", f'ulimit -t {int(CASE_CPU_S)} && exec "$0" "$@"', PYTHON]
+    limited = ["/bin/sh", "-c", f'ulimit -S -t {int(CASE_CPU_S)} && exec "$0" "$@"', PYTHON]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
