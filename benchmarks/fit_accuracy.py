@@ -116,7 +116,13 @@ def main() -> None:
                     rows.append({"model": path.name, "n_ctx": n_ctx, "kv": kv, "skip": why})
                     continue
                 got = measure(path, n_ctx, kv, args.threads)
-                pred = fit.predict(header, n_ctx, kv, repack=got["repack"])
+                pred = fit.predict(
+                    header,
+                    n_ctx,
+                    kv,
+                    repack=got["repack"],
+                    flash_attn=got.get("flash_attn", "auto") != "off",
+                )
                 err = pred.predicted_peak_bytes / got["peak_rss_bytes"] - 1
                 row = {
                     "model": path.name,

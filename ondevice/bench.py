@@ -420,8 +420,15 @@ class _Runner:
         o = self.opts
         mem = stats.memory_breakdown()
         repack = bool(m.engine.config.use_extra_bufts)
+        fa_on = m.engine.config.flash_attn != "off"
         pred = fit.predict(
-            self.header, m.n_ctx, o.kv_type, o.n_ubatch, use_mmap=o.use_mmap, repack=repack
+            self.header,
+            m.n_ctx,
+            o.kv_type,
+            o.n_ubatch,
+            use_mmap=o.use_mmap,
+            repack=repack,
+            flash_attn=fa_on,
         )
         rec = BenchRecord(
             model=self.path.name,
@@ -439,7 +446,7 @@ class _Runner:
             n_params=self.n_params,
             n_batch=o.n_batch,
             n_ubatch=o.n_ubatch,
-            flash_attn=o.flash_attn,
+            flash_attn=m.engine.config.flash_attn,  # what ran (auto may mean off)
             kv_type=o.kv_type,
             use_mmap=o.use_mmap,
             repack=repack,

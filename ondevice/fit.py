@@ -56,6 +56,12 @@ TOKENIZER_BYTES_PER_ENTRY = 300
 # Phi-2-shaped at ctx 512; these coefficients give 17.9 and 90.7).
 ACT_EMBD_FLOATS = 6.0
 ACT_FF_FLOATS = 3.0
+# Without flash attention llama.cpp materialises the scores: f32, n_kv × tokens × heads, in the
+# compute buffer (softmax works in place), plus an f16 copy of the probabilities that the CPU
+# backend makes in its separate work buffer for the product with V. Calibrated: SmolLM2 at
+# ctx 2048 without flash attention touches 45 MiB more than with it (6.3 bytes per score).
+NOFA_SCORE_BYTES = 4
+NOFA_WORK_BYTES = 2
 
 KV_TYPE_SIZES = {
     "f32": (1, 4),
@@ -107,7 +113,7 @@ class Prediction:
     n_ubatch: int = 512
     use_mmap: bool = True
     repack: bool = False
-    flash_attn: bool = True
+    flash_attn: bool = True  # resolved: whether attention runs fused
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -242,6 +248,15 @@ def _mask_bytes(n_ctx: int, n_tokens: int, flash_attn: bool) -> int:
     return padded_ctx(n_ctx) * n_tokens * (2 if flash_attn else 4)
 
 
+def flash_attn_default(header: GGUFHeader, kv_type: str = "f16") -> bool:
+    """Whether `flash_attn="auto"` runs fused attention on the CPU for this model: llama.cpp
+    picks it, except where ondevice turns it off (architectures whose attention overflows
+    f16, such as Phi-2, unless the cache is f32; see backends.attention_settings)."""
+    from ondevice.backends import F16_OVERFLOW_ARCHS
+
+    return not (header.architecture in F16_OVERFLOW_ARCHS and kv_type != "f32")
+
+
 def compute_resident_bytes(
     header: GGUFHeader, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = True
 ) -> int:
@@ -249,14 +264,16 @@ def compute_resident_bytes(
 
     The widest point of a layer holds a few embedding-wide and FFN-wide f32 activations per
     token; the matmul work buffer holds the quantized copy of one of them. Without flash
-    attention the scores (n_kv × tokens × heads, f32) are materialised too.
+    attention the scores (n_kv × tokens × heads) and their f16 copy are added (counted on top
+    of the activations, not beside them: an overestimate of a few percent of the total).
     """
     d = _dims(header)
     t = min(n_ubatch, n_ctx)
     acts = t * 4 * (ACT_EMBD_FLOATS * d["n_embd"] + ACT_FF_FLOATS * d["n_ff"])
     out = acts + _mask_bytes(n_ctx, t, flash_attn) + 4 * d["n_vocab"]
     if not flash_attn:
-        out += 2 * padded_ctx(n_ctx) * t * d["n_head"] * 4  # scores, then softmax
+        scores = padded_ctx(n_ctx) * t * d["n_head"]
+        out += scores * (NOFA_SCORE_BYTES + NOFA_WORK_BYTES)
     return int(out)
 
 
@@ -273,6 +290,8 @@ def compute_reserved_bytes(
     d = _dims(header)
     t = min(n_ubatch, n_ctx)
     layer = compute_resident_bytes(header, n_ctx, n_ubatch, flash_attn) - 4 * d["n_vocab"]
+    if not flash_attn:  # the f16 copy lives in the CPU backend's work buffer, not here
+        layer -= padded_ctx(n_ctx) * t * d["n_head"] * NOFA_WORK_BYTES
     logits = t * 4 * (d["n_vocab"] + d["n_embd"]) + _mask_bytes(n_ctx, t, flash_attn)
     return int(max(layer, logits))
 
@@ -328,15 +347,18 @@ def predict(
     *,
     use_mmap: bool = True,
     repack: bool = False,
-    flash_attn: bool = True,
+    flash_attn: bool | None = None,
     repack_family: str | None = None,
 ) -> Prediction:
     """Predict the peak resident memory of this model loaded at n_ctx on the CPU.
 
     repack     whether llama.cpp repacks weights (ondevice turns it off on AMX builds; it is
-               on by default elsewhere): see `predict_for_this_build` for the automatic case.
-    flash_attn whether attention runs fused (llama.cpp's "auto" picks it on CPUs).
+               on by default elsewhere): `repack_default()` says what a load here does.
+    flash_attn whether attention runs fused; None = what `flash_attn="auto"` does on the CPU
+               for this model (`flash_attn_default`).
     """
+    if flash_attn is None:
+        flash_attn = flash_attn_default(header, kv_type)
     weights = header.tensor_bytes
     extra = repackable_bytes(header, repack_family) if repack else 0
     return Prediction(
@@ -380,7 +402,7 @@ def check_fits(
     n_ubatch: int = 512,
     *,
     use_mmap: bool = True,
-    flash_attn: bool = True,
+    flash_attn: bool | None = None,
     available: int | None = None,
 ) -> Prediction:
     """What `load()` asks before llama.cpp allocates anything: raise DoesNotFit when the

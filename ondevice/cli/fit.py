@@ -105,7 +105,8 @@ def fit(
     click.echo(f"Tensors:  {types}")
     click.echo(
         f"Context:  {n_ctx} tokens, {kv_type} KV, n_ubatch {ubatch}, "
-        f"mmap {'on' if p.use_mmap else 'off'}, repack {'on' if p.repack else 'off'}"
+        f"mmap {'on' if p.use_mmap else 'off'}, repack {'on' if p.repack else 'off'}, "
+        f"flash attention {'on' if p.flash_attn else 'off'}"
     )
     click.echo(
         f"  weights   {_mib(p.weights_bytes)}  "
