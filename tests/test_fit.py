@@ -251,7 +251,7 @@ def test_cli_fit_json(cli_env, demo_header):
 
 
 def test_cli_fit_says_what_would_fit(cli_env, phi2_q4km):
-    out = run_cli("fit", str(phi2_q4km), "--ram", "2GB", "--ctx", "2048", env=cli_env)
+    out = run_cli("fit", str(phi2_q4km), "--ram", "2.2GB", "--ctx", "2048", env=cli_env)
     assert out.returncode == 1, out.stderr
     assert "Does not fit" in out.stdout
     assert "context of" in out.stdout
