@@ -3,10 +3,11 @@
 Goal: ondevice's pp512 and tg128 within 2% of llama-bench's (≥ 0.98x) for the demo model and for
 full-size Phi-2-shaped Q4_K_M and Q8_0 files. Both sides use the same llama.cpp source (llama-bench
 is built from the installed binding's sdist), and the same settings: threads, n_batch 2048 /
-n_ubatch 512, flash attention auto, f16 KV, mmap, repacking off (`--repack 0`; ondevice turns it
-off on this AMX machine), one warm-up, n_ctx = p + n per test. Each round runs llama-bench, then
-`ondevice bench` (a fresh process each, like llama-bench), and the medians over rounds are
-compared, because the machine is shared and noisy.
+n_ubatch 512, flash attention as ondevice runs it (auto; off for Phi-2 on the CPU, where ondevice
+turns it off because the fused kernel accumulates in f16), f16 KV, mmap, repacking off
+(`--repack 0`; ondevice turns it off on this AMX machine), one warm-up, n_ctx = p + n per test.
+Each round runs llama-bench, then `ondevice bench` (a fresh process each, like llama-bench), and
+the medians over rounds are compared, because the machine is shared and noisy.
 
 The Phi-2-shaped files: another engineer's converter benchmark writes
 ~/.cache/ondevice-bench/phi2-shaped-f16.gguf; if it is not there, `phi2_shaped_f16()` writes a
@@ -250,13 +251,25 @@ def compare(
 ) -> dict:
     model = model_path(name)
     pp, tg = f"pp{n_prompt}", f"tg{n_gen}"
+    # ondevice's flash_attn="auto" is off on the CPU for Phi-2 (its attention overflows f16
+    # in the CPU's fused kernel; see backends.attention_settings): give llama-bench the same.
+    from ondevice import fit
+    from ondevice.gguf_check import read_header
+
+    fa = "auto" if fit.flash_attn_default(read_header(model)) else "off"
     res: dict[str, dict[str, list[float]]] = {
         pp: {"llama-bench": [], "ondevice": []},
         tg: {"llama-bench": [], "ondevice": []},
     }
     for r in range(rounds):
         lb = run_llama_bench(
-            binary, model, n_prompt=n_prompt, n_gen=n_gen, threads=threads, reps=reps
+            binary,
+            model,
+            n_prompt=n_prompt,
+            n_gen=n_gen,
+            threads=threads,
+            reps=reps,
+            flash_attn=fa,
         )
         for rec in lb:
             test = pp if rec["n_prompt"] else tg
@@ -273,7 +286,7 @@ def compare(
             ),
             file=sys.stderr,
         )
-    return {"model": model.name, "bytes": model.stat().st_size, "tests": res}
+    return {"model": model.name, "bytes": model.stat().st_size, "tests": res, "fa": fa}
 
 
 def table(results: list[dict]) -> str:
@@ -286,7 +299,7 @@ def table(results: list[dict]) -> str:
         for test, sides in r["tests"].items():
             lb, od = sides["llama-bench"], sides["ondevice"]
             lines.append(
-                f"| {r['model']} ({r['bytes'] / 1e9:.3f} GB) | {test} | {median(lb):.2f}; "
+                f"| {r['model']} ({r['bytes'] / 1e9:.3f} GB, FA {r['fa']}) | {test} | {median(lb):.2f}; "
                 f"{', '.join(f'{x:.1f}' for x in lb)} | {median(od):.2f}; "
                 f"{', '.join(f'{x:.1f}' for x in od)} | **{median(od) / median(lb):.3f}x** |"
             )
@@ -326,7 +339,8 @@ def main() -> None:
                 f"{time.strftime('%Y-%m-%d')}. Each round: llama-bench, then `ondevice bench "
                 f"--no-extras` in a fresh process, each with {args.reps} repetitions after one "
                 f"warm-up (mean per round); the table holds the medians of the rounds. "
-                f"{args.threads} threads, n_batch 2048 / n_ubatch 512, flash attention auto, "
+                f"{args.threads} threads, n_batch 2048 / n_ubatch 512, flash attention as ondevice "
+                "runs it (FA column: auto, or off for Phi-2 on the CPU), "
                 "f16 KV, mmap, repacking off in both (`--repack 0`), n_ctx = p + n per test "
                 "(as llama-bench). Phi-2-shaped files have random weights (speed does not "
                 "depend on the values). Machine: " + machine_line() + ".",
