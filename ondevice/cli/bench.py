@@ -1,7 +1,7 @@
 """`ondevice bench MODEL`: llama-bench's pp/tg tests plus load time, TTFT, streamed tok/s, memory,
 roofline, sustained runs and device profiles; and `--compare FILE` for saved runs side by side.
 
-The measuring is `ondevice.bench_lib.run_bench`; this module parses options and prints the records
+The measuring is `ondevice.bench.run_bench`; this module parses options and prints the records
 as markdown (llama-bench's columns), JSON or CSV, and draws the optional PNG.
 """
 
@@ -38,7 +38,11 @@ def _tps(r: BenchRecord) -> str:
 
 def _extra_result(r: BenchRecord) -> str:
     if r.test == "load":
-        cached = "" if r.cold_cached_fraction is None else f" ({r.cold_cached_fraction:.0%} cached)"
+        cached = (
+            ""
+            if r.cold_cached_fraction is None
+            else f" ({r.cold_cached_fraction:.0%} in page cache before)"
+        )
         return f"cold {r.load_cold_s:.2f} s{cached}, warm {r.load_warm_s:.2f} s"
     if r.test.startswith("stream"):
         return (
