@@ -269,6 +269,7 @@ def render(entries: list[dict]) -> str:
             + table(r)
             + "\n\n"
             + probe_table(r)
+            + (f"\n\n{run['note']}" if run.get("note") else "")
         )
     return "\n\n".join(blocks)
 
@@ -285,12 +286,15 @@ def main() -> None:
     ap.add_argument(
         "--add-raw", help="add an earlier run's raw JSON file to the results, measure nothing"
     )
+    ap.add_argument("--note", default="", help="a sentence on the results, kept with them")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     global PASSIVE
     PASSIVE = args.passive
     if args.add_raw:
         results = json.loads(Path(args.add_raw).read_text())
+        for r in results:
+            r.setdefault("run", {})["note"] = args.note or r.get("run", {}).get("note", "")
     else:
         results = [
             measure(n.strip(), args.ctx, args.rounds, args.reps, args.time_budget, args.reuse)
@@ -306,6 +310,7 @@ def main() -> None:
                 "machine": machine_line(),
                 "passive": args.passive,
                 "raw": out.name,
+                "note": args.note,
             }
         out.write_text(json.dumps(results, indent=1))
     index = json.loads(INDEX.read_text()) if INDEX.is_file() else {}

@@ -502,6 +502,10 @@ def _candidates(
     if knob == "kv_type":
         vals = [k for k in ("f16", "q8_0", "bf16") if fit.kv_type_problem(header, k) is None]
         why = None if len(vals) > 1 else "the model allows no other KV cache type"
+        if current.flash_attn == "off" and "q8_0" in vals:
+            # llama.cpp refuses a quantized V cache without flash attention.
+            vals.remove("q8_0")
+            why = "q8_0 not tried: a quantized V cache needs flash attention, which is off"
         return vals, why
     if knob == "n_ubatch":
         vals = [u for u in (128, 256, 512, 1024) if u <= max(current.n_batch, 1024)]
