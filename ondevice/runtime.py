@@ -333,7 +333,9 @@ class Model:
             )
             sampler = engine.Sampler(params)
             try:
-                for chunk in self._run(eng, tokens, sampler, max_tokens, stops, cancelled, st, t_call):
+                for chunk in self._run(
+                    eng, tokens, sampler, max_tokens, stops, cancelled, st, t_call
+                ):
                     if chunk.finish_reason is not None:
                         final = chunk
                         break
