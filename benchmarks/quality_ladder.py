@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--gen-rounds", type=int, default=3)
     ap.add_argument("--skip-compare", action="store_true", help="no llama-perplexity runs")
     ap.add_argument("--write-results", action="store_true", help="update RESULTS.md")
     args = ap.parse_args()
@@ -112,6 +113,7 @@ def main() -> None:
         ctx=args.ctx,
         threads=args.threads,
         gen_tokens=args.gen_tokens,
+        gen_rounds=args.gen_rounds,
         keep_dir=CACHE / "quality",
         on_status=lambda s: print(f"[{time.perf_counter() - t0:6.0f}s] {s}", file=sys.stderr),
     )
@@ -127,8 +129,9 @@ def main() -> None:
         f"tests/data/alice-ch1.txt ({rep.text_tokens} tokens); ctx {rep.ctx}, "
         f"{rep.scored_tokens} tokens scored (second half of each window, as llama-perplexity). "
         f"KL divergence and top-1 agreement are against the F16 file. Generation: greedy, "
-        f"{args.gen_tokens} tokens, {rep.threads} threads, one run per type (the machine is "
-        f"shared, so tok/s is noisy). Ladder wall time {ladder_s:.0f}s.",
+        f"{args.gen_tokens} tokens, {rep.threads} threads, median of {args.gen_rounds} rounds "
+        f"that visit every file in turn (the machine is shared: tok/s is noisy). Ladder wall "
+        f"time {ladder_s:.0f}s.",
         "",
         rep.table(),
         "",

@@ -2,14 +2,16 @@
 
 For each requested type: quantize the input (in a temp dir, or `keep_dir`), then measure file
 size, bits per weight, perplexity on a text, mean KL divergence and top-1 agreement against the
-input (the reference), and greedy generation speed. The input's logits are computed once
-(ReferenceLogits) and reused for every type.
+input (the reference). The input's logits are computed once (ReferenceLogits) and reused for
+every type. Last, greedy generation speed: a few rounds that visit every file in turn, median
+per file (on a shared machine a single run per file measures the neighbours more than the file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +22,7 @@ from ondevice import models
 from ondevice.errors import MissingExtra, UsageError
 from ondevice.gguf_check import read_header
 
-from .quality import ReferenceLogits, cache_bytes, evaluate
+from .quality import QualityResult, ReferenceLogits, cache_bytes, evaluate
 from .quantize import quantize
 from .types import get_type
 
@@ -86,6 +88,7 @@ def quality_ladder(
     allow_requantize: bool = False,
     imatrix: str | os.PathLike[str] | None = None,
     gen_tokens: int = 64,
+    gen_rounds: int = 3,
     max_chunks: int | None = None,
     max_cache_bytes: int = 1 << 30,
     on_status: Callable[[str], object] | None = None,
@@ -95,6 +98,7 @@ def quality_ladder(
     ctx, max_chunks  the perplexity windows (see `evaluate`).
     keep_dir         keep the quantized files there (default: a temp dir, removed).
     gen_tokens       greedy tokens generated per file for the speed column (0: skip).
+    gen_rounds       rounds of generation over all files; the column is the median.
     max_cache_bytes  keep the reference's logits in memory up to this size; beyond it the
                      reference model stays loaded and is evaluated again for each type.
     on_status        called with a short line as each step starts.
@@ -108,7 +112,7 @@ def quality_ladder(
     n_threads = ondevice.runtime._threads(threads)
 
     status(f"reference: evaluating {src_path.name}")
-    with ondevice.load(src_path, n_ctx=max(ctx, 64 + gen_tokens), threads=n_threads) as ref_model:
+    with ondevice.load(src_path, n_ctx=ctx, threads=n_threads) as ref_model:
         n_tokens = len(ref_model.tokenize(text, parse_special=False))
         need = cache_bytes(n_tokens, ref_model.engine.n_vocab, ctx, max_chunks)
         reference: ReferenceLogits | ondevice.Model
@@ -127,9 +131,8 @@ def quality_ladder(
             ctx=ctx,
             threads=n_threads,
         )
-        ref_gen = _generation_tps(ref_model, gen_tokens)
         report.rows.append(
-            _row(f"{_file_type(src_header)} (reference)", src_path, (ref_q, ref_gen), 0.0, True)
+            _row(f"{_file_type(src_header)} (reference)", src_path, ref_q, 0.0, True)
         )
         with tempfile.TemporaryDirectory(prefix="ondevice-ladder-") as tmp:
             out_dir = Path(keep_dir) if keep_dir is not None else Path(tmp)
@@ -146,27 +149,33 @@ def quality_ladder(
                     threads=n_threads,
                 )
                 status(f"{qt.name}: measuring")
-                q = _measure(dst, text, reference, ctx, n_threads, gen_tokens, max_chunks)
+                with ondevice.load(dst, n_ctx=ctx, threads=n_threads) as m:
+                    q = evaluate(m, text, ctx=ctx, reference=reference, max_chunks=max_chunks)
                 report.rows.append(_row(qt.name, dst, q, made.seconds, keep_dir is not None))
+            if gen_tokens > 0:
+                paths = [src_path] + [out_dir / f"{src_path.stem}-{t.name}.gguf" for t in qtypes]
+                status(f"generation speed: {gen_rounds} rounds over {len(paths)} files")
+                speeds = _generation_speeds(paths, gen_tokens, gen_rounds, n_threads)
+                for row, tps in zip(report.rows, speeds, strict=True):
+                    row.gen_tps = tps
     return report
 
 
-def _measure(path, text, reference, ctx, threads, gen_tokens, max_chunks):
-    """Quality against the reference, then greedy generation speed, with one loaded model."""
-    with ondevice.load(path, n_ctx=max(ctx, 64 + gen_tokens), threads=threads) as m:
-        q = evaluate(m, text, ctx=ctx, reference=reference, max_chunks=max_chunks)
-        return q, _generation_tps(m, gen_tokens)
+def _generation_speeds(
+    paths: list[Path], gen_tokens: int, rounds: int, threads: int
+) -> list[float]:
+    """Median greedy tok/s per file over `rounds` rounds that visit every file in turn, so a
+    busy moment of a shared machine spreads over all files instead of hitting one."""
+    runs: list[list[float]] = [[] for _ in paths]
+    for _ in range(max(1, rounds)):
+        for i, path in enumerate(paths):
+            with ondevice.load(path, n_ctx=64 + gen_tokens, threads=threads) as m:
+                res = m.generate(GEN_PROMPT, max_tokens=gen_tokens, temperature=0)
+                runs[i].append(res.stats.generation_tps)
+    return [statistics.median(r) for r in runs]
 
 
-def _generation_tps(m: ondevice.Model, gen_tokens: int) -> float:
-    if gen_tokens <= 0:
-        return 0.0
-    m.reset()
-    return m.generate(GEN_PROMPT, max_tokens=gen_tokens, temperature=0).stats.generation_tps
-
-
-def _row(name: str, path: Path, measured, quantize_s: float, keep: bool) -> LadderRow:
-    q, gen_tps = measured
+def _row(name: str, path: Path, q: QualityResult, quantize_s: float, keep: bool) -> LadderRow:
     h = read_header(path)
     return LadderRow(
         type=name,
@@ -175,7 +184,7 @@ def _row(name: str, path: Path, measured, quantize_s: float, keep: bool) -> Ladd
         perplexity=q.perplexity,
         kl_divergence=q.kl_divergence or 0.0,
         top1_agreement=q.top1_agreement if q.top1_agreement is not None else 1.0,
-        gen_tps=gen_tps,
+        gen_tps=0.0,
         quantize_s=quantize_s,
         path=str(path) if keep else None,
     )

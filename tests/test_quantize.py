@@ -323,7 +323,14 @@ def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
         toks = demo_model.engine.tokenize(text, add_special=True, parse_special=False)
         text = demo_model.engine.detokenize(toks[: 10 * 64 + 8])
     rep = quality_ladder(
-        demo_f16_path, text, LADDER, ctx=64, threads=2, gen_tokens=8, keep_dir=tmp_path
+        demo_f16_path,
+        text,
+        LADDER,
+        ctx=64,
+        threads=2,
+        gen_tokens=8,
+        gen_rounds=1,
+        keep_dir=tmp_path,
     )
     rows = rep.rows[1:]
     assert [r.type for r in rows] == LADDER
