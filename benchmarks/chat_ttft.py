@@ -172,17 +172,7 @@ def table(runs: dict[str, list[list[dict]]]) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), ratios
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF file (default: the demo model)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
-    ap.add_argument("--write-results", action="store_true", help=f"update {SECTION!r}")
-    args = ap.parse_args()
-
+def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict]:
     import ondevice
     from ondevice.models import demo_model_path
 
@@ -222,36 +212,86 @@ def main() -> None:
             f"n_ctx {model.n_ctx}, {model.threads} threads, {model.backend}, greedy, replies of "
             f"at most {args.max_tokens} tokens, system prompt {SYSTEM!r}, the GGUF's chat template"
         )
-    text, ratios = table(runs)
     cmd = "python benchmarks/chat_ttft.py" + (f" --model {Path(path).name}" if args.model else "")
     cmd += f" --rounds {args.rounds}"
-    report = "\n".join(
-        [
-            SECTION,
-            "",
-            f"`{cmd}`, {time.strftime('%Y-%m-%d')}, model {Path(path).name}; {settings}. "
-            f"{args.rounds} rounds; within a round the three take turns, turn by turn; medians "
-            "per turn. Machine: " + machine_line() + ".",
-            "",
-            "Each cell: prompt tokens / prompt tokens evaluated, time to first token (wall, from "
-            "the call to the first text). `ondevice, no reuse` resets the KV cache before each "
-            "turn (the cost of re-evaluating the history); llama-cpp-python runs in a child "
-            "process (use_extra_bufts=False patched in; its defaults otherwise: flash attention "
-            "off), its prompt tokens evaluated counted at Llama.eval.",
-            "",
-            text,
-            "",
-            f"- Goal: TTFT of turn 10 <= 1.2x turn 1 for ondevice: "
-            f"{'met' if ratios['ondevice'] <= 1.2 else 'NOT met'} ({ratios['ondevice']:.2f}x).",
-        ]
+    meta = {
+        "command": cmd,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": Path(path).name,
+        "settings": settings,
+        "rounds": args.rounds,
+        "machine": machine_line(),
+    }
+    return runs, meta
+
+
+def report(runs: dict[str, list[list[dict]]], meta: dict) -> str:
+    text, ratios = table(runs)
+    lines = [
+        SECTION,
+        "",
+        f"`{meta['command']}`, {meta['date']}, model {meta['model']}; {meta['settings']}. "
+        f"{meta['rounds']} rounds; within a round the three take turns, turn by turn; medians "
+        f"per turn. Machine: {meta['machine']}.",
+        "",
+        "Each cell: prompt tokens / prompt tokens evaluated, time to first token (wall, from "
+        "the call to the first text). `ondevice, no reuse` resets the KV cache before each "
+        "turn (the cost of re-evaluating the history); llama-cpp-python runs in a child "
+        "process (use_extra_bufts=False patched in; its defaults otherwise: flash attention "
+        "off), its prompt tokens evaluated counted at Llama.eval.",
+        "",
+        text,
+        "",
+        f"- Goal: TTFT of turn 10 <= 1.2x turn 1 for ondevice: "
+        f"{'met' if ratios['ondevice'] <= 1.2 else 'NOT met'} ({ratios['ondevice']:.2f}x "
+        "of the medians).",
+    ]
+    for name in runs:
+        per_round = [r[-1]["ttft_s"] / r[0]["ttft_s"] for r in runs[name]]
+        lines.append(
+            f"- {name}: turn 10 / turn 1 per round: "
+            + ", ".join(f"{x:.2f}x" for x in per_round)
+            + f" (median {median(per_round):.2f}x)."
+        )
+    if "llama-cpp-python" in runs:
+        last = runs["llama-cpp-python"][0][-1]
+        lines.append(
+            f"- llama-cpp-python's high-level chat evaluated {last['prompt_eval_tokens']} of "
+            f"{last['prompt_tokens']} prompt tokens at turn 10: this version (0.3.36) keeps the "
+            "longest common token prefix in its KV cache too (Llama.generate's prefix match), and "
+            "this model's replies re-tokenize to the tokens it generated."
+        )
+    return "\n".join(lines)
+
+
+RAW = Path.home() / ".cache" / "ondevice-bench" / "chat_ttft.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: the demo model)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--write-results", action="store_true", help=f"update {SECTION!r}")
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help=f"report a saved run (default file: {RAW})"
     )
-    print(report)
-    raw = Path.home() / ".cache" / "ondevice-bench" / "chat_ttft.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(runs, indent=1))  # every run's numbers and replies
-    print(f"raw numbers: {raw}", file=sys.stderr)
+    args = ap.parse_args()
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        runs, meta = doc["runs"], doc["meta"]
+    else:
+        runs, meta = measure(args)
+        RAW.parent.mkdir(parents=True, exist_ok=True)
+        RAW.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+        print(f"raw numbers and replies: {RAW}", file=sys.stderr)
+    text = report(runs, meta)
+    print(text)
     if args.write_results:
-        write_results(report, SECTION)
+        write_results(text, SECTION)
 
 
 if __name__ == "__main__":
