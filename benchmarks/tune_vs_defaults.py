@@ -76,6 +76,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
+KNOBS = ""  # --knobs: restrict the tuner's search (default: all)
+
+
 def run_tune(path: Path, ctx: int, budget: float, reuse: bool) -> dict:
     """The tuner's JSON result (a saved one with --reuse)."""
     tag = "-passive" if PASSIVE else ""
@@ -84,6 +87,7 @@ def run_tune(path: Path, ctx: int, budget: float, reuse: bool) -> dict:
         return json.loads(saved.read_text())
     cmd = [sys.executable, "-m", "ondevice", "tune", str(path), "--workload", "chat"]
     cmd += ["--ctx", str(ctx), "--time-budget", str(budget), "--json"]
+    cmd += ["--knobs", KNOBS] if KNOBS else []
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=False)
     sys.stderr.write(out.stderr)
@@ -145,7 +149,9 @@ def measure(name: str, ctx: int, rounds: int, reps: int, budget: float, reuse: b
     t0 = time.time()
     result = run_tune(path, ctx, budget, reuse)
     tune_s = time.time() - t0
-    settings = result["best"]["settings"]
+    # The stored settings: flash attention "auto" replaced by what ondevice resolved it to
+    # (off for Phi-2 on a CPU, where llama.cpp's auto would pick on).
+    settings = result.get("settings") or result["best"]["settings"]
     binary = llama_bench_bin()
     tests = {"pp512": (512, 0, 0), "tg32": (0, 32, 0), f"tg32@d{ctx - 32}": (0, 32, ctx - 32)}
     runs: dict[str, dict[str, list[float]]] = {
@@ -286,11 +292,12 @@ def main() -> None:
     ap.add_argument(
         "--add-raw", help="add an earlier run's raw JSON file to the results, measure nothing"
     )
+    ap.add_argument("--knobs", default="", help="the tuner's --knobs (default: all)")
     ap.add_argument("--note", default="", help="a sentence on the results, kept with them")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
-    global PASSIVE
-    PASSIVE = args.passive
+    global PASSIVE, KNOBS
+    PASSIVE, KNOBS = args.passive, args.knobs
     if args.add_raw:
         results = json.loads(Path(args.add_raw).read_text())
         for r in results:

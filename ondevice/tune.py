@@ -431,6 +431,8 @@ class TuneResult:
     elapsed_s: float
     how: str
     stored_in: str = ""
+    # What is stored: best.settings with flash_attn "auto" replaced by what it resolved to.
+    settings: Settings | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -454,7 +456,7 @@ class TuneResult:
             "workload": self.workload,
             "n_ctx": self.n_ctx,
             "backend": "CPU",
-            "settings": asdict(self.best.settings),
+            "settings": asdict(self.settings or self.best.settings),
             "defaults": asdict(self.defaults.settings),
             "workload_tps": _workload_tps(segs, self.best),
             "default_workload_tps": _workload_tps(segs, self.defaults),
@@ -689,6 +691,9 @@ def tune(
         elapsed_s=elapsed(),
         how=how,
     )
+    result.settings = best.settings
+    if best.settings.flash_attn == "auto" and best.flash_attn_resolved in ("on", "off"):
+        result.settings = replace(best.settings, flash_attn=best.flash_attn_resolved)
     if save:
         result.stored_in = str(save_tuning(result.entry()))
     return result

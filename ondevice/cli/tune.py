@@ -44,7 +44,7 @@ def report(r: tune_lib.TuneResult) -> str:
             f" vs {tune_lib._workload_tps(segs, d):.1f} tok/s), peak RSS "
             f"{b.peak_rss_bytes / mib:.0f} vs {d.peak_rss_bytes / mib:.0f} MiB"
         )
-    lines += ["", f"Chosen: {b.settings.label()}: {vs}."]
+    lines += ["", f"Chosen: {(r.settings or b.settings).label()}: {vs}."]
     f = r.faithfulness
     if f is not None:
         lines.append(
