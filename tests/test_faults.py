@@ -8,11 +8,14 @@ run's duration, half fall after the command has started writing its output. Afte
 - no output file and no store entry unless complete (byte-identical to a normal run's output);
 - after SIGINT nothing at all is left behind (no temp file, no work folder);
 - the next run succeeds (and, for pull, clears what a killed pull left).
-What SIGKILL leaves behind (temp files nobody can remove, child processes that outlive their
-parent) is counted and printed with `-s`; see the report for the gaps it shows.
+What SIGKILL leaves behind (temp files, child processes that outlive their parent) is counted
+and printed with `-s`; a temp file that the next successful run still leaves is an expected
+failure where it is a known gap (convert, quantize) and a failure elsewhere. The default run
+interrupts each command once; the slow one 20 times with each signal.
 
-Disk full: RLIMIT_FSIZE in the child (inherited by the quantizer's own worker) makes writes past
-a size fail with EFBIG, as a full disk fails them with ENOSPC: a clear error, nothing left behind.
+Disk full: `ulimit -f` (RLIMIT_FSIZE, inherited by the quantizer's own worker) makes writes past
+a size fail with EFBIG; with the slow marker a small tmpfs (root only) fills up mid-write
+(ENOSPC). Either way: a clear error that says so, nothing left behind.
 """
 
 from __future__ import annotations
