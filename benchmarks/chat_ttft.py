@@ -180,7 +180,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict
     runs: dict[str, list[list[dict]]] = {"ondevice": [], "ondevice, no reuse": []}
     if not args.no_llama_cpp:
         runs["llama-cpp-python"] = []
-    load = {"n_ctx": args.ctx, "threads": args.threads}
+    # tune=False: the defaults, whatever `ondevice tune` may have stored for this model
+    load = {"n_ctx": args.ctx, "threads": args.threads, "tune": False}
     # Two models: the no-reuse runs empty their KV cache every turn, which would wipe the
     # reusing conversation's if they shared one.
     with ondevice.load(path, **load) as model, ondevice.load(path, **load) as fresh_model:
