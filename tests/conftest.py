@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import pytest
 # model fell from 55 to 0.1 tok/s). Passive waiting keeps the suite's timing sane; it must be
 # set before llama.cpp's libraries load, and subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Hermetic: the user's model store, tunings and history must not leak into the tests (nor the
+# tests' into them). Tests that need their own home set ONDEVICE_HOME themselves.
+os.environ["ONDEVICE_HOME"] = tempfile.mkdtemp(prefix="ondevice-test-home-")
 
 import ondevice  # noqa: E402
 from ondevice.models import demo_model_path  # noqa: E402
