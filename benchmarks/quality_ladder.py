@@ -80,6 +80,12 @@ def run_ondevice_perplexity(model: Path, text: Path, ctx: int, threads: int) -> 
     return float(json.loads(proc.stdout)["perplexity"])
 
 
+def _pct(ours: float, theirs: float) -> str:
+    """Relative difference; llama-perplexity prints 4 decimals, so round ours the same way."""
+    d = round(100 * (round(ours, 4) / theirs - 1), 3) + 0.0  # + 0.0: no "-0.000%"
+    return f"{d:+.3f}%"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
@@ -163,8 +169,8 @@ def main() -> None:
         ]
         for name, ours, theirs, theirs_b, _ in rows:
             lines.append(
-                f"| {name} | {ours:.4f} | {theirs:.4f} | {100 * (ours / theirs - 1):+.3f}% "
-                f"| {theirs_b:.4f} | {100 * (ours / theirs_b - 1):+.3f}% |"
+                f"| {name} | {ours:.4f} | {theirs:.4f} | {_pct(ours, theirs)} "
+                f"| {theirs_b:.4f} | {_pct(ours, theirs_b)} |"
             )
         lines += [
             "",
