@@ -261,12 +261,15 @@ def test_ctrl_c_kills_the_child_and_keeps_nothing(demo_f16_path, tmp_path):
     out.parent.mkdir()
     script = textwrap.dedent(
         f"""
-        import os, psutil
+        import os, time, psutil
         from ondevice.quantize import quantize
         def on_progress(done, total, name):
             if done == 1:
                 kids = psutil.Process().children(recursive=True)
                 print("started", *[p.pid for p in kids], flush=True)
+                # Hold here so the Ctrl-C always lands before the result is renamed into
+                # place, however fast the machine quantizes.
+                time.sleep(60)
         quantize({str(demo_f16_path)!r}, {str(out)!r}, "Q8_0", threads=1, on_progress=on_progress)
         print("finished", flush=True)
         """
