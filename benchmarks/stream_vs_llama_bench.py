@@ -170,6 +170,7 @@ def measure(model_path: str, rounds: int, threads: int, n_gen: int, reps: int) -
     m.close()
     return {
         "model": Path(model_path).name,
+        "threads": threads,
         "model_bytes": Path(model_path).stat().st_size,
         "llama_bench": theirs,
         "ondevice": ours,
@@ -179,15 +180,16 @@ def measure(model_path: str, rounds: int, threads: int, n_gen: int, reps: int) -
     }
 
 
-def table(results: list[dict], rounds: int, threads: int, n_gen: int) -> str:
+def table(results: list[dict], n_gen: int) -> str:
     lines = [
-        f"| model | llama-bench tg{n_gen} t/s (median; rounds) | ondevice `Model.stream` t/s "
-        "(median; rounds) | ratio |",
-        "|---|---|---|---|",
+        f"| model | threads | llama-bench tg{n_gen} t/s (median; rounds) | ondevice "
+        "`Model.stream` t/s (median; rounds) | ratio |",
+        "|---|---:|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['model']} ({r['model_bytes'] / 1e6:.0f} MB) | {median(r['llama_bench']):.1f}; "
+            f"| {r['model']} ({r['model_bytes'] / 1e6:.0f} MB) | {r['threads']} | "
+            f"{median(r['llama_bench']):.1f}; "
             f"{', '.join(f'{x:.1f}' for x in r['llama_bench'])} | {median(r['ondevice']):.1f}; "
             f"{', '.join(f'{x:.1f}' for x in r['ondevice'])} | **{r['ratio']:.2f}x** |"
         )
@@ -214,7 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", help="GGUF file (repeatable; default: demo)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="thread counts, e.g. 1,2")
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="repetitions inside each round")
     ap.add_argument("--write-results", action="store_true", help=f"update {RESULTS.name}")
@@ -223,19 +225,21 @@ def main() -> None:
 
     paths = args.model or [str(demo_model_path())]
     t0 = time.time()
-    results = [measure(p, args.rounds, args.threads, args.n_gen, args.reps) for p in paths]
-    tab = table(results, args.rounds, args.threads, args.n_gen)
+    threads = [int(t) for t in args.threads.split(",")]
+    results = [measure(p, args.rounds, t, args.n_gen, args.reps) for p in paths for t in threads]
+    tab = table(results, args.n_gen)
     print(tab)
     text = "\n".join(
         [
             SECTION,
             "",
-            f"`python benchmarks/stream_vs_llama_bench.py --rounds {args.rounds}"
+            f"`python benchmarks/stream_vs_llama_bench.py --rounds {args.rounds} "
+            f"--threads {args.threads}"
             + "".join(f" --model {Path(p).name}" for p in (args.model or []))
             + "`, "
             f"{time.strftime('%Y-%m-%d')}, {args.rounds} interleaved rounds "
             f"(llama-bench, ondevice, ...), each round the mean of {args.reps} repetitions "
-            f"after a warm-up; {args.threads} threads, repacking off in both "
+            f"after a warm-up; {args.threads} thread(s), repacking off in both "
             "(`--repack 0`), flash attention auto, n_batch 2048 / n_ubatch 512, mmap. "
             f"Machine: {machine_line()}.",
             "",
