@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import llama_cpp.llama_cpp as L  # noqa: E402
 import numpy as np
 
+from ondevice import fit
 from ondevice.errors import GenerationError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,8 @@ _initialized = False
 
 # ggml type ids for the KV cache types we offer (ggml.h's enum ggml_type).
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-# Bytes per element and block size of those types, for KV cache arithmetic.
-KV_TYPE_SIZES = {
-    "f32": (1, 4),
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_1": (32, 20),
-    "q5_0": (32, 22),
-    "q5_1": (32, 24),
-}
+# Block size and bytes per block of those types: one table, shared with the fit arithmetic.
+KV_TYPE_SIZES = fit.KV_TYPE_SIZES
 FLASH_ATTN = {
     "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
