@@ -308,7 +308,11 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="demo,q4km,q8", help="demo, q4km, q8 or paths")
+    ap.add_argument(
+        "--models",
+        default="demo,q4km,q8",
+        help="demo, q4km, q8 or paths; name@P/N gives that model its own -p and -n",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
@@ -317,15 +321,21 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true", help="only make the model files")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    paths = [model_path(n) for n in names]  # make the files first, outside the timing
+    # "name" or "name@P/N" (this model's own -p and -n).
+    specs = []
+    for item in (m.strip() for m in args.models.split(",")):
+        if item:
+            name, _, pn = item.partition("@")
+            p, _, n = pn.partition("/")
+            specs.append((name, int(p) if p else args.p, int(n) if n else args.n))
+    paths = [model_path(name) for name, _, _ in specs]  # made first, outside the timing
     if args.prepare_only:
         print("\n".join(str(p) for p in paths))
         return
     binary = llama_bench_bin()
     t0 = time.time()
     results = [
-        compare(n, args.rounds, args.p, args.n, args.threads, args.reps, binary) for n in names
+        compare(name, args.rounds, p, n, args.threads, args.reps, binary) for name, p, n in specs
     ]
     tab = table(results)
     print(tab)
