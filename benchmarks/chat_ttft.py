@@ -226,34 +226,39 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict
     return runs, meta
 
 
-def report(runs: dict[str, list[list[dict]]], meta: dict) -> str:
-    text, ratios = table(runs)
+def report(saved: list[tuple[dict[str, list[list[dict]]], dict]]) -> str:
+    """The RESULTS.md section for one or more saved runs (each: runs, meta)."""
     lines = [
         SECTION,
-        "",
-        f"`{meta['command']}`, {meta['date']}, model {meta['model']}; {meta['settings']}. "
-        f"{meta['rounds']} rounds; within a round the three take turns, turn by turn; medians "
-        f"per turn. Machine: {meta['machine']}.",
         "",
         "Each cell: prompt tokens / prompt tokens evaluated, time to first token (wall, from "
         "the call to the first text). `ondevice, no reuse` resets the KV cache before each "
         "turn (the cost of re-evaluating the history); llama-cpp-python runs in a child "
         "process (use_extra_bufts=False patched in; its defaults otherwise: flash attention "
-        "off), its prompt tokens evaluated counted at Llama.eval.",
-        "",
-        text,
-        "",
-        f"- Goal: TTFT of turn 10 <= 1.2x turn 1 for ondevice: "
-        f"{'met' if ratios['ondevice'] <= 1.2 else 'NOT met'} ({ratios['ondevice']:.2f}x "
-        "of the medians).",
+        "off), its prompt tokens evaluated counted at Llama.eval. Within a round the three "
+        "take turns, turn by turn; cells are medians over the rounds.",
     ]
-    for name in runs:
-        per_round = [r[-1]["ttft_s"] / r[0]["ttft_s"] for r in runs[name]]
-        lines.append(
-            f"- {name}: turn 10 / turn 1 per round: "
-            + ", ".join(f"{x:.2f}x" for x in per_round)
-            + f" (median {median(per_round):.2f}x)."
-        )
+    for runs, meta in saved:
+        text, ratios = table(runs)
+        lines += [
+            "",
+            f"`{meta['command']}`, {meta['date']}, model {meta['model']}; {meta['settings']}; "
+            f"{meta['rounds']} rounds. Machine: {meta['machine']}.",
+            "",
+            text,
+            "",
+            f"- Goal: TTFT of turn 10 <= 1.2x turn 1 for ondevice: "
+            f"{'met' if ratios['ondevice'] <= 1.2 else 'NOT met'} ({ratios['ondevice']:.2f}x "
+            "of the medians).",
+        ]
+        for name in runs:
+            per_round = [r[-1]["ttft_s"] / r[0]["ttft_s"] for r in runs[name]]
+            lines.append(
+                f"- {name}: turn 10 / turn 1 per round: "
+                + ", ".join(f"{x:.2f}x" for x in per_round)
+                + f" (median {median(per_round):.2f}x)."
+            )
+    runs = saved[-1][0]
     if "llama-cpp-python" in runs:
         last = runs["llama-cpp-python"][0][-1]
         lines.append(
@@ -278,18 +283,24 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
     ap.add_argument("--write-results", action="store_true", help=f"update {SECTION!r}")
     ap.add_argument(
-        "--from-json", type=Path, default=None, help=f"report a saved run (default file: {RAW})"
+        "--from-json",
+        type=Path,
+        action="append",
+        help=f"report saved runs instead of measuring (repeatable; a run saves {RAW})",
     )
     args = ap.parse_args()
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
-        runs, meta = doc["runs"], doc["meta"]
+        saved = []
+        for path in args.from_json:
+            doc = json.loads(path.read_text())
+            saved.append((doc["runs"], doc["meta"]))
     else:
         runs, meta = measure(args)
         RAW.parent.mkdir(parents=True, exist_ok=True)
         RAW.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
         print(f"raw numbers and replies: {RAW}", file=sys.stderr)
-    text = report(runs, meta)
+        saved = [(runs, meta)]
+    text = report(saved)
     print(text)
     if args.write_results:
         write_results(text, SECTION)
