@@ -172,6 +172,43 @@ def table(runs: dict[str, list[list[dict]]]) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), ratios
 
 
+def measure_paired(model, first_model, pairs: int, max_tokens: int) -> list[dict]:
+    """Turn 1 and turn 10 measured alternately, `pairs` times, so both see the same load.
+
+    The conversation is played to turn 9 once; before each turn-10 measurement the KV cache is
+    set back to exactly the turn-9 history (stream of those tokens with max_tokens=0: one token
+    evaluated), so every turn 10 evaluates its new tokens at the depth of a real tenth turn.
+    Turn 1 runs on a second model whose cache is emptied first.
+    """
+    import tempfile
+
+    conv = model.conversation(SYSTEM, temperature=0, max_tokens=max_tokens)
+    for q in QUESTIONS[:-1]:
+        conv.send(q)
+    base = conv.tokens
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = conv.save(Path(tmp) / "turn9.json")
+        for _ in range(pairs):
+            for _chunk in model.stream(base, max_tokens=0):
+                pass
+            tenth = model.conversation(SYSTEM, temperature=0, max_tokens=1)
+            tenth.load(saved)
+            t10 = ondevice_turn(tenth, QUESTIONS[-1], False)
+            first = first_model.conversation(SYSTEM, temperature=0, max_tokens=1)
+            t1 = ondevice_turn(first, QUESTIONS[0], True)
+            out.append(
+                {
+                    "turn1_ttft_s": t1["ttft_s"],
+                    "turn1_eval": t1["prompt_eval_tokens"],
+                    "turn10_ttft_s": t10["ttft_s"],
+                    "turn10_eval": t10["prompt_eval_tokens"],
+                    "turn10_prompt": t10["prompt_tokens"],
+                }
+            )
+    return out
+
+
 def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict]:
     import ondevice
     from ondevice.models import demo_model_path
@@ -181,7 +218,12 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict
     if not args.no_llama_cpp:
         runs["llama-cpp-python"] = []
     # tune=False: the defaults, whatever `ondevice tune` may have stored for this model
-    load = {"n_ctx": args.ctx, "threads": args.threads, "tune": False}
+    load = {
+        "n_ctx": args.ctx,
+        "threads": args.threads,
+        "flash_attn": args.flash_attn,
+        "tune": False,
+    }
     # Two models: the no-reuse runs empty their KV cache every turn, which would wipe the
     # reusing conversation's if they shared one.
     with ondevice.load(path, **load) as model, ondevice.load(path, **load) as fresh_model:
@@ -209,13 +251,22 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict
             for name in runs:
                 runs[name].append(rows[name])
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        paired = measure_paired(model, fresh_model, args.paired, args.max_tokens)
         settings = (
-            f"n_ctx {model.n_ctx}, {model.threads} threads, {model.backend}, greedy, replies of "
+            f"n_ctx {model.n_ctx}, {model.threads} threads, {model.backend}, flash attention "
+            f"{args.flash_attn}, greedy, replies of "
             f"at most {args.max_tokens} tokens, system prompt {SYSTEM!r}, the GGUF's chat template"
         )
     cmd = "python benchmarks/chat_ttft.py" + (f" --model {Path(path).name}" if args.model else "")
     cmd += f" --rounds {args.rounds}"
+    if args.threads != 2:
+        cmd += f" --threads {args.threads}"
+    if args.flash_attn != "auto":
+        cmd += f" --flash-attn {args.flash_attn}"
+    if args.paired:
+        cmd += f" --paired {args.paired}"
     meta = {
+        "paired": paired,
         "command": cmd,
         "date": time.strftime("%Y-%m-%d"),
         "model": Path(path).name,
@@ -239,11 +290,31 @@ def report(saved: list[tuple[dict[str, list[list[dict]]], dict]]) -> str:
         "take turns, turn by turn; cells are medians over the rounds.",
     ]
     for runs, meta in saved:
-        text, ratios = table(runs)
         lines += [
             "",
             f"`{meta['command']}`, {meta['date']}, model {meta['model']}; {meta['settings']}; "
             f"{meta['rounds']} rounds. Machine: {meta['machine']}.",
+        ]
+        paired = meta.get("paired") or []
+        if paired:
+            ratios_p = sorted(p["turn10_ttft_s"] / p["turn1_ttft_s"] for p in paired)
+            q1, q3 = ratios_p[len(ratios_p) // 4], ratios_p[(3 * len(ratios_p)) // 4]
+            lines += [
+                "",
+                f"- Paired (ondevice): turn 1 and turn 10 measured alternately {len(paired)} "
+                f"times (turn 10 from the turn-9 KV cache each time): TTFT turn 1 median "
+                f"{median([p['turn1_ttft_s'] for p in paired]) * 1000:.0f} ms "
+                f"({paired[0]['turn1_eval']} tokens evaluated), turn 10 median "
+                f"{median([p['turn10_ttft_s'] for p in paired]) * 1000:.0f} ms "
+                f"({paired[0]['turn10_eval']} of {paired[0]['turn10_prompt']} tokens evaluated); "
+                f"turn 10 / turn 1 per pair: median {median(ratios_p):.2f}x "
+                f"(quartiles {q1:.2f}x-{q3:.2f}x). Goal <= 1.2x: "
+                f"{'met' if median(ratios_p) <= 1.2 else 'NOT met'}.",
+            ]
+        if not any(runs.values()):
+            continue
+        text, ratios = table(runs)
+        lines += [
             "",
             text,
             "",
@@ -259,7 +330,7 @@ def report(saved: list[tuple[dict[str, list[list[dict]]], dict]]) -> str:
                 + f" (median {median(per_round):.2f}x)."
             )
     runs = saved[-1][0]
-    if "llama-cpp-python" in runs:
+    if runs.get("llama-cpp-python"):
         last = runs["llama-cpp-python"][0][-1]
         lines.append(
             f"- llama-cpp-python's high-level chat evaluated {last['prompt_eval_tokens']} of "
@@ -279,8 +350,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument(
+        "--paired", type=int, default=0, help="also measure turn 1 / turn 10 in N alternating pairs"
+    )
     ap.add_argument("--write-results", action="store_true", help=f"update {SECTION!r}")
     ap.add_argument(
         "--from-json",
