@@ -216,7 +216,8 @@ def table(res: dict) -> str:
         f"{s['n_ubatch']}, KV {s['kv_type']}, mmap {'on' if s['use_mmap'] else 'off'}, repacking "
         f"off (unavailable here). `ondevice tune` took {res['tune_wall_s']:.0f} s and estimated "
         + (
-            f"{t['speedup']:.2f}x the defaults' chat-workload speed."
+            f"{t['speedup']:.2f}x the chat-workload speed of its baseline, ondevice's untuned "
+            "defaults."
             if t.get("speedup")
             else "no speedup (the defaults did not fit)."
         ),
