@@ -292,8 +292,9 @@ def report(saved: list[tuple[dict[str, list[list[dict]]], dict]]) -> str:
     for runs, meta in saved:
         lines += [
             "",
-            f"`{meta['command']}`, {meta['date']}, model {meta['model']}; {meta['settings']}; "
-            f"{meta['rounds']} rounds. Machine: {meta['machine']}.",
+            f"`{meta['command']}`, {meta['date']}, model {meta['model']}; {meta['settings']}"
+            + (f"; {meta['rounds']} rounds" if meta["rounds"] else "")
+            + f". Machine: {meta['machine']}.",
         ]
         paired = meta.get("paired") or []
         if paired:
