@@ -172,6 +172,11 @@ def table(runs: dict[str, list[list[dict]]]) -> tuple[str, dict[str, float]]:
     return "\n".join(lines), ratios
 
 
+def _fa_label(asked: str, ran: str | None) -> str:
+    """ "auto (off)" when ondevice resolved auto itself; else what was asked."""
+    return f"{asked} ({ran})" if asked == "auto" and ran in ("on", "off") else asked
+
+
 def measure_paired(model, first_model, pairs: int, max_tokens: int) -> list[dict]:
     """Turn 1 and turn 10 measured alternately, `pairs` times, so both see the same load.
 
@@ -254,7 +259,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict
         paired = measure_paired(model, fresh_model, args.paired, args.max_tokens)
         settings = (
             f"n_ctx {model.n_ctx}, {model.threads} threads, {model.backend}, flash attention "
-            f"{args.flash_attn}, greedy, replies of "
+            f"{_fa_label(args.flash_attn, model.settings.get('flash_attn'))}, greedy, replies of "
             f"at most {args.max_tokens} tokens, system prompt {SYSTEM!r}, the GGUF's chat template"
         )
     cmd = "python benchmarks/chat_ttft.py" + (f" --model {Path(path).name}" if args.model else "")

@@ -482,6 +482,12 @@ def attention_settings(
       float). The CPU's flash-attention kernel, though, accumulates softmax*V in f16 when the
       V cache is f16 (ggml-cpu ops.cpp, VKQ16), so for these architectures on the CPU
       flash_attn="auto" means off.
+    - On the CPU, "auto" means off for every architecture whose KV cache is not quantized:
+      llama.cpp's CPU flash-attention kernel (0.3.36) makes decoding deep in a context about
+      twice as slow (llama-bench, demo model, 2 threads: tg32 at depth 1500 45 t/s off vs 20 on;
+      chat turn 10 TTFT 139 vs 261 ms), for a few percent of prompt speed at depth 0. A
+      quantized V cache needs flash attention, so there "auto" stays llama.cpp's (on).
+      `ondevice tune` measures both and may store "on" for a prompt-heavy workload.
     - A quantized KV cache needs head dimensions divisible by the type's block (Phi-2's 80 is
       not: q8_0/q4_0 fail), so we refuse it here with a one-line error instead of letting
       llama.cpp fail the context.
@@ -499,10 +505,10 @@ def attention_settings(
                 hint="use --kv-type f16 (or bf16/f32)",
             )
     fa = flash_attn
+    if not placement.on_gpu and flash_attn == "auto" and block == 1:
+        fa = "off"
     if arch in F16_OVERFLOW_ARCHS and not placement.on_gpu and kv_type != "f32":
-        if flash_attn == "auto":
-            fa = "off"
-        elif flash_attn == "on":
+        if flash_attn == "on":
             notes.append(
                 f"flash attention on the CPU accumulates {arch}'s attention in f16, which can "
                 "overflow; use --flash-attn auto (off) or --kv-type f32"

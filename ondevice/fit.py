@@ -249,12 +249,15 @@ def _mask_bytes(n_ctx: int, n_tokens: int, flash_attn: bool) -> int:
 
 
 def flash_attn_default(header: GGUFHeader, kv_type: str = "f16") -> bool:
-    """Whether `flash_attn="auto"` runs fused attention on the CPU for this model: llama.cpp
-    picks it, except where ondevice turns it off (architectures whose attention overflows
-    f16, such as Phi-2, unless the cache is f32; see backends.attention_settings)."""
-    from ondevice.backends import F16_OVERFLOW_ARCHS
+    """Whether `flash_attn="auto"` runs fused attention on the CPU for this model: only with a
+    quantized KV cache, which needs it (see backends.attention_settings for why it is off
+    otherwise)."""
+    from ondevice import backends
 
-    return not (header.architecture in F16_OVERFLOW_ARCHS and kv_type != "f32")
+    return (
+        backends.attention_settings(header.architecture, backends.CPU, "auto", kv_type).flash_attn
+        != "off"
+    )
 
 
 def compute_resident_bytes(

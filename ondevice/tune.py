@@ -565,7 +565,7 @@ def tune(
             min(s.n_ubatch, s.n_batch),
             use_mmap=s.use_mmap,
             repack=s.repack and repack_usable(),
-            flash_attn=s.flash_attn != "off",
+            flash_attn=None if s.flash_attn == "auto" else s.flash_attn == "on",
         ).predicted_peak_bytes
 
     best: Probe | None = None  # the incumbent

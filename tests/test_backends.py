@@ -193,13 +193,16 @@ def test_attention_settings_per_backend():
     cpu = backends.attention_settings("phi2", backends.CPU, "auto", "f16", (80, 80))
     on_gpu = backends.attention_settings("phi2", gpu_place, "auto", "f16", (80, 80))
     llama = backends.attention_settings("llama", backends.CPU, "auto", "f16", (64, 64))
-    assert (cpu.flash_attn, on_gpu.flash_attn, llama.flash_attn) == ("off", "auto", "auto")
+    assert (cpu.flash_attn, on_gpu.flash_attn, llama.flash_attn) == ("off", "auto", "off")
     assert cpu.offload_kqv and on_gpu.offload_kqv  # llama.cpp #4437: never off
     forced = backends.attention_settings("phi2", backends.CPU, "on", "f16", (80, 80))
     assert forced.flash_attn == "on" and any("overflow" in n for n in forced.notes)
     with pytest.raises(UsageError, match="head dimension 80 is not a multiple of 32"):
         backends.attention_settings("phi2", gpu_place, "auto", "q8_0", (80, 80))
-    assert backends.attention_settings("llama", backends.CPU, "auto", "q8_0", (64, 64))
+    # A quantized V cache needs flash attention: there "auto" stays llama.cpp's.
+    q8 = backends.attention_settings("llama", backends.CPU, "auto", "q8_0", (64, 64))
+    assert q8.flash_attn == "auto"
+    assert backends.attention_settings("llama", backends.CPU, "on", "f16").flash_attn == "on"
 
 
 def write_tiny_phi2(path: Path) -> Path:

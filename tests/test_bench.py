@@ -53,7 +53,8 @@ def test_runs_llama_bench_tests_and_extras(records, demo_path):
         assert r.threads == 1 and r.backend == "CPU" and r.device == "CPU"
         assert r.model == demo_path.name and r.model_bytes == header.tensor_bytes
         assert "llama" in r.model_desc and r.n_params == header.n_params
-        assert r.reps == 2 and r.flash_attn == "auto" and r.n_ubatch == 512
+        # flash_attn is what ran: "auto" means off on the CPU (backends.attention_settings).
+        assert r.reps == 2 and r.flash_attn == "off" and r.n_ubatch == 512
         # KV bytes are llama.cpp's own buffer; n_ctx is p + n as llama-bench, padded to 256.
         assert r.n_ctx == 256
         assert r.kv_bytes == pytest.approx(fit.kv_cache_bytes(header, r.n_ctx), abs=10_000)

@@ -62,7 +62,8 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["auto", "on", "off"]),
             default="auto",
             show_default=True,
-            help="Flash attention.",
+            help="Flash attention. auto: llama.cpp's choice on a GPU; off on the CPU (faster deep "
+            "in a context) unless the KV cache is quantized.",
         ),
         click.option(
             "--no-mmap", is_flag=True, help="Read the file into memory instead of mapping it."
