@@ -9,7 +9,7 @@
 #
 # What it does, each stage time-boxed against BUDGET seconds (later stages are skipped, saying
 # so, when they would not fit):
-#   0. unpacks the Vulkan loader (dpkg -x .gl/*.deb, only if the machine has none), the Python
+#   0. unpacks the Vulkan loader and glvnd (dpkg -x .gl/*.deb into /), the Python
 #      deps and the binding into $WORK/site (PYTHONPATH; the repo root too: nothing is pip
 #      installed into the system); points the loader at the NVIDIA ICD when it is outside the
 #      standard folders; rebuilds libggml-cpu natively from .gpu/ggml-src.tar.xz when this CPU
@@ -25,8 +25,8 @@
 # Environment: OUT (default /tmp/gpu-vulkan-out), WORK (scratch, default /tmp/gvk-work),
 # BUDGET (seconds, default 420), VENDOR (NVIDIA), FULL (1), REBUILD_CPU (1: always rebuild
 # libggml-cpu, 0: never; default: when an instruction set is missing), PY (python3);
-# ALLOW_SOFTWARE=1 VENDOR=llvmpipe (with lavapipe's ICD and GGML_VK_VISIBLE_DEVICES=0) is a dry
-# run on a machine without a GPU.
+# ALLOW_SOFTWARE=1 VENDOR=llvmpipe SKIP_GL=1 (with lavapipe's ICD and GGML_VK_VISIBLE_DEVICES=0)
+# is a dry run on a machine without a GPU (SKIP_GL: leave the system's libraries alone).
 # Exit status: 0 when every stage that ran passed.
 set -uo pipefail
 
@@ -74,29 +74,24 @@ stage "setup"
 uname -a
 grep -m1 '^model name' /proc/cpuinfo
 echo "CPUs: $(nproc); built on: $(cat .gpu/cpu-model.txt 2>/dev/null)"
-if ! ldconfig -p | grep -q 'libvulkan\.so\.1 '; then
-  echo "no Vulkan loader: unpacking $(ls .gl/*.deb)"
+# The Vulkan loader and glvnd (NVIDIA's Vulkan driver lives in libGLX_nvidia, a glvnd vendor
+# library: without libGLdispatch & co. its vk_icdGetInstanceProcAddr hands out no vkCreateInstance).
+if [[ "${SKIP_GL:-0}" != 1 ]]; then
+  echo "unpacking $(ls .gl/*.deb | xargs -n1 basename | tr '\n' ' ')"
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
 fi
-ldconfig -p | grep 'libvulkan\.so\.1 '
-if [[ -z "${VK_DRIVER_FILES:-}${VK_ICD_FILENAMES:-}" ]] &&
-  ! ls /etc/vulkan/icd.d/nvidia*.json /usr/share/vulkan/icd.d/nvidia*.json >/dev/null 2>&1; then
-  for f in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json \
-    /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.x86_64.json; do
-    if [[ -f $f ]]; then export VK_DRIVER_FILES=$f VK_ICD_FILENAMES=$f; break; fi
-  done
-fi
-echo "ICD: VK_DRIVER_FILES=${VK_DRIVER_FILES:-} (standard: $(ls /etc/vulkan/icd.d /usr/share/vulkan/icd.d 2>/dev/null | tr '\n' ' '))"
-[[ -n "${VK_DRIVER_FILES:-}" ]] && cat "$VK_DRIVER_FILES"
-
+ldconfig -p | grep -E 'libvulkan\.so\.1 |libGLdispatch|libGLX_nvidia|nvidia-glvkspirv|nvidia-gpucomp|nvidia-glcore' | sed 's/^\s*/  /'
+echo "ICD files: $(ls /etc/vulkan/icd.d/*.json /usr/share/vulkan/icd.d/*.json /usr/local/share/vulkan/icd.d/*.json 2>/dev/null | tr '\n' ' ')"
+ls /dev/nvidia* /dev/dri 2>&1 | tr '\n' ' '
+echo
 rm -rf "$SITE" && mkdir -p "$SITE"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl ||
   fail "pip install of .whl"
 untar .gpu/llama_cpp_vulkan.tar.xz "$SITE" || fail "unpacking the binding"
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 ONDEVICE_HOME=$WORK/home HF_HUB_OFFLINE=1 NO_COLOR=1
 
-missing=$(comm -23 .gpu/cpu-flags.txt <(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2 | tr ' ' '\n' | sort) | tr '\n' ' ')
+missing=$(LC_ALL=C comm -23 <(LC_ALL=C sort .gpu/cpu-flags.txt) <(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2 | tr ' ' '\n' | LC_ALL=C sort) | tr '\n' ' ')
 echo "instruction sets of the build machine missing here: ${missing:-none}"
 if [[ "${REBUILD_CPU:-}" == 1 || (-n "$missing" && "${REBUILD_CPU:-}" != 0) ]]; then
   stage "rebuilding libggml-cpu natively (the wheel's would SIGILL here)"
@@ -105,7 +100,7 @@ if [[ "${REBUILD_CPU:-}" == 1 || (-n "$missing" && "${REBUILD_CPU:-}" != 0) ]]; 
   command -v ninja >/dev/null && gen=(-G Ninja)
   if run "cmake configure" 60 cmake -S "$WORK/ggml" -B "$WORK/ggml/build" "${gen[@]}" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON \
-    -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF -DGGML_CCACHE=OFF \
+    -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF -DGGML_CCACHE=OFF -DGGML_LLAMAFILE=ON \
     -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' >"$WORK/ggml-cfg.log" &&
     run "build ggml-cpu" 240 cmake --build "$WORK/ggml/build" -j "$(nproc)" --target ggml-cpu >"$WORK/ggml-build.log"; then
     cp -L "$WORK/ggml/build/src/libggml-cpu.so.0" "$SITE/llama_cpp/lib/libggml-cpu.so.0"
@@ -121,12 +116,39 @@ fi
 stage "the device"
 nvidia-smi -L
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
+# Find a loader setup under which ggml sees the GPU: as installed; the driver's own ICD file;
+# that plus the driver's library folder; an ICD file naming libGLX_nvidia by absolute path.
+probe() {
+  "$PY" -c 'import sys
+from ondevice import backends
+found = [d for d in backends.devices() if d.family == "vulkan" and sys.argv[1].lower() in d.description.lower()]
+print("  probe:", [f"{d.name}: {d.description}" for d in found] or "no device")
+sys.exit(0 if found else 1)' "$VENDOR" 2>&1 | grep -v '^ggml_vulkan'
+}
+NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+GLX=$(ldconfig -p | awk '/libGLX_nvidia\.so\.0 /{print $NF; exit}')
+[[ -z "$GLX" ]] && GLX=$(ls /usr/local/nvidia/lib64/libGLX_nvidia.so.0 2>/dev/null)
+found=0
+for variant in installed driver-icd driver-libs absolute-icd; do
+  case $variant in
+  driver-icd) [[ -f $NV_ICD ]] || continue; export VK_DRIVER_FILES=$NV_ICD VK_ICD_FILENAMES=$NV_ICD ;;
+  driver-libs) export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ;;
+  absolute-icd)
+    [[ -n "$GLX" ]] || continue
+    printf '{"file_format_version": "1.0.1", "ICD": {"library_path": "%s", "api_version": "1.3.0"}}\n' "$GLX" >"$WORK/nvidia_icd.json"
+    export VK_DRIVER_FILES=$WORK/nvidia_icd.json VK_ICD_FILENAMES=$WORK/nvidia_icd.json ;;
+  esac
+  echo "Vulkan loader setup '$variant': VK_DRIVER_FILES=${VK_DRIVER_FILES:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  if probe; then found=1; break; fi
+done
 run "ondevice system" 60 "$PY" -m ondevice system
 soft=()
 [[ "${ALLOW_SOFTWARE:-0}" == 1 ]] && soft=(--allow-software)
-if ! run "devices check" 60 "$PY" scripts/gpu_vulkan_check.py devices --vendor "$VENDOR" "${soft[@]}"; then
-  echo "no $VENDOR Vulkan device: the loader's view follows"
-  VK_LOADER_DEBUG=error,warn,driver "$PY" -m ondevice system 2>&1 | head -60
+if ((found == 0)) || ! run "devices check" 60 "$PY" scripts/gpu_vulkan_check.py devices --vendor "$VENDOR" "${soft[@]}"; then
+  echo "no $VENDOR Vulkan device: the loader's view and the driver's libraries follow"
+  [[ -n "$GLX" ]] && ldd "$GLX"
+  ls -l /usr/local/nvidia/lib64 2>/dev/null | grep -iE 'glx|vulkan|glvk|gpucomp|glcore|dispatch|tls|glsi' | head -20
+  VK_LOADER_DEBUG=error,warn,driver "$PY" -m ondevice system 2>&1 | head -40
   finish
 fi
 

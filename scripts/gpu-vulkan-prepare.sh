@@ -19,7 +19,9 @@
 #   .gpu/cpu-flags.txt            this CPU's instruction-set flags, for that comparison.
 #   .whl/                         pure-Python deps the device's image lacks (gguf, diskcache,
 #                                 platformdirs, prompt_toolkit, wcwidth).
-#   .gl/                          the Vulkan loader (Debian's libvulkan1) for `dpkg -x`.
+#   .gl/                          the Vulkan loader (Debian's libvulkan1) and glvnd (libglvnd0,
+#                                 libgl1, libglx0, libegl1, libopengl0, libgles2: NVIDIA's
+#                                 Vulkan driver, libGLX_nvidia, needs them) for `dpkg -x`.
 # Compression runs under nice: the machine it runs on may be timing something else.
 set -euo pipefail
 
@@ -84,7 +86,7 @@ nice -n 19 tar -C "$(dirname "$G")" -cf - ggml | nice -n 19 xz -T1 -6 >.gpu/ggml
 # --- this CPU's instruction sets --------------------------------------------------------------
 grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2 | tr ' ' '\n' |
   grep -E '^(sse[0-9_a-z]*|ssse3|avx[0-9a-z_]*|amx[a-z0-9_]*|fma|f16c|bmi[12]|popcnt|abm|movbe|gfni|vaes|vpclmulqdq|sha_ni|adx)$' |
-  sort >.gpu/cpu-flags.txt
+  LC_ALL=C sort >.gpu/cpu-flags.txt
 grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //' >.gpu/cpu-model.txt
 
 # --- pure-Python deps -----------------------------------------------------------------------------
@@ -93,13 +95,14 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   -d .whl gguf==0.19.0 diskcache==5.6.3 platformdirs==4.14.8 prompt_toolkit==3.0.53 wcwidth==0.9.4
 
 # --- the Vulkan loader ----------------------------------------------------------------------------
-if ! ls .gl/libvulkan1_*.deb >/dev/null 2>&1; then
+GL_DEBS="libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2"
+if (($(ls .gl/*.deb 2>/dev/null | wc -l) < 7)); then
   o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
   mkdir -p /tmp/amd64/partial
   # shellcheck disable=SC2086
   apt-get $o update >/dev/null
   # shellcheck disable=SC2086
-  (cd .gl && apt-get $o download libvulkan1)
+  (cd .gl && apt-get $o download $GL_DEBS)
 fi
 
 du -ch .gpu .whl .gl | tail -1 >&2
