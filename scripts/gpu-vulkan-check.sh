@@ -44,8 +44,9 @@ T0=$SECONDS
 FAILED=()
 stage() { echo; echo "=== [$((SECONDS - T0)) s] $*"; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
-fail() { echo "FAILED: $*"; FAILED+=("$*"); }
-# run NAME LIMIT CMD...: a step with its own time limit, its wall time printed
+fail() { echo "FAILED: $*" >&2; FAILED+=("$*"); }
+# run NAME LIMIT CMD...: a step with its own time limit, its wall time printed (on stderr, so a
+# step's stdout redirected to a file holds the step's output alone)
 run() {
   local name=$1 limit=$2 t=$SECONDS
   shift 2
@@ -53,7 +54,7 @@ run() {
   if ((limit < 5)); then fail "$name: no time left"; return 1; fi
   timeout --kill-after=5 "$limit" "$@"
   local rc=$?
-  echo "--- $name: rc=$rc, $((SECONDS - t)) s"
+  echo "--- $name: rc=$rc, $((SECONDS - t)) s" >&2
   ((rc == 0)) || fail "$name (rc=$rc)"
   return $rc
 }
