@@ -351,6 +351,10 @@ def pinned(cpus: list[int] | None) -> Iterator[list[int] | None]:
             os.sched_setaffinity(0, old)
 
 
+# llama-bench's spelling of its backend column.
+BACKEND_NAMES = {"cpu": "CPU", "metal": "Metal", "vulkan": "Vulkan"}
+
+
 # --- the timed loops (also used by ondevice.tune) ----------------------------------------------
 def random_tokens(rng: random.Random, n_vocab: int, n: int, bos: int | None) -> list[int]:
     """llama-bench's prompt: BOS (if the model adds one) then random ids over the vocab."""
@@ -435,7 +439,7 @@ class _Runner:
             model_bytes=m.model_bytes,
             test=test,
             threads=threads,
-            backend=m.placement.backend.upper() if m.placement.backend != "cpu" else "CPU",
+            backend=BACKEND_NAMES.get(m.placement.backend, m.placement.backend),
             device=m.backend,
             tps_mean=0.0,
             tps_sd=0.0,
