@@ -350,7 +350,8 @@ def main() -> None:
                 f"--no-extras` in a fresh process, each with {args.reps} repetitions after one "
                 f"warm-up (mean per round); the table holds the medians of the rounds. "
                 f"{args.threads} threads, n_batch 2048 / n_ubatch 512, flash attention as ondevice "
-                "runs it (FA column: auto, or off for Phi-2 on the CPU), "
+                "runs it (FA column: off on the CPU unless the KV cache is quantized), "
+                "OpenMP waits as each tool's default (llama-bench spins, ondevice sleeps), "
                 "f16 KV, mmap, repacking off in both (`--repack 0`), n_ctx = p + n per test "
                 "(as llama-bench). Phi-2-shaped files have random weights (speed does not "
                 "depend on the values). Machine: " + machine_line() + ".",

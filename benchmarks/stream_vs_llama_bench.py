@@ -129,7 +129,7 @@ def machine_line() -> str:
     return (
         f"{os.cpu_count()}-core {cpu}, "
         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GB; "
-        f"shared with other engineers (load average {load})"
+        f"load average {load} (the benchmark's own threads included)"
     )
 
 
