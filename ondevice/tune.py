@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ondevice.errors import DoesNotFit, OndeviceError, UsageError
+from ondevice.logits import kl_per_position
 from ondevice.tune_store import (
     WORKLOADS,
     device_fingerprint,
@@ -395,13 +396,7 @@ def check_faithful(
     if ref.shape != got.shape:
         return Faithfulness(math.inf, math.inf, 0.0, 0, False, "the vocabularies differ")
 
-    def log_softmax(x: Any) -> Any:
-        x = x.astype(np.float64)
-        x = x - x.max(axis=1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    kl = kl_per_position(ref, got)
     top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
     kl_mean = float(kl.mean()) if np.isfinite(kl).all() else math.inf
     ok = kl_mean <= KL_MAX and top1 >= TOP1_MIN

@@ -32,6 +32,7 @@ import numpy as np
 
 import ondevice
 from ondevice.errors import OndeviceError, UsageError
+from ondevice.logits import log_softmax
 from ondevice.runtime import Model
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class ReferenceLogits:
                 for i, logits in enumerate(_scored_logits(eng, self.tokens, ctx, n_chunk)):
                     self.windows.append(logits.copy())
                     targets = np.asarray(self.tokens[i * ctx + first + 1 : (i + 1) * ctx])
-                    nll -= float(_log_softmax(logits)[np.arange(len(targets)), targets].sum())
+                    nll -= float(log_softmax(logits)[np.arange(len(targets)), targets].sum())
         count = n_chunk * (ctx - 1 - first)
         self.result = QualityResult(
             perplexity=float(np.exp(nll / count)),
@@ -191,7 +192,7 @@ def evaluate(
             for i, logits in enumerate(_scored_logits(eng, tokens, ctx, n_chunk)):
                 start = i * ctx
                 targets = np.asarray(tokens[start + first + 1 : start + ctx])
-                logp = _log_softmax(logits)
+                logp = log_softmax(logits)
                 nll -= float(logp[np.arange(len(targets)), targets].sum())
                 if ref_windows is not None:
                     ref_logits = next(ref_windows)
@@ -200,7 +201,7 @@ def evaluate(
                             "the reference model has a different vocabulary",
                             hint="compare models made from the same original",
                         )
-                    ref_logp = _log_softmax(ref_logits)
+                    ref_logp = log_softmax(ref_logits)
                     kld += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
                     same_top += int((ref_logits.argmax(axis=1) == logits.argmax(axis=1)).sum())
                 count += len(targets)
@@ -278,14 +279,6 @@ def _reference_windows(
             hint="compare models made from the same original",
         )
     return _scored_logits(ref.engine, tokens, ctx, n_chunk)
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (llama.cpp sums exp() in double as well)."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
-    return x
 
 
 def _forget_cache(m: Model) -> None:

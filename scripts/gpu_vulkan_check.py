@@ -51,31 +51,16 @@ def emit(kind: str, **data: object) -> None:
     print(json.dumps({"check": kind, **data}, default=str), flush=True)
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def agreement(ref: np.ndarray, other: np.ndarray, k: int = 5) -> dict[str, float]:
-    """Per-position comparison of two [positions, vocab] logit arrays (as tests/test_vulkan.py)."""
-    lp, lq = log_softmax(ref), log_softmax(other)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)  # KL(ref || other), nats
-    top_ref = np.argsort(-ref, axis=-1)[:, :k]
-    top_other = np.argsort(-other, axis=-1)[:, :k]
-    overlap = [len(set(a) & set(b)) / k for a, b in zip(top_ref, top_other, strict=True)]
-    return {
-        "positions": len(ref),
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "top1": float((top_ref[:, 0] == top_other[:, 0]).mean()),
-        f"top{k}_overlap": float(np.mean(overlap)),
-        "max_abs_diff": float(np.abs(ref - other).max()),
-        "logit_scale": float(np.abs(ref).max()),
-        "last_pos_max_abs_diff": float(np.abs(ref[-1] - other[-1]).max()),
-        "last_pos_kl": float(kl[-1]),
-        "finite": bool(np.isfinite(other).all()),
-    }
+    """ondevice.logits.agreement (as tests/test_vulkan.py), plus the last position and finiteness."""
+    from ondevice import logits
+
+    out = logits.agreement(ref, other, k)
+    out["positions"] = len(ref)
+    out["last_pos_max_abs_diff"] = float(np.abs(ref[-1] - other[-1]).max())
+    out["last_pos_kl"] = float(logits.kl_per_position(ref[-1:], other[-1:])[0])
+    out["finite"] = bool(np.isfinite(other).all())
+    return out
 
 
 def all_logits(model, tokens: list[int]) -> np.ndarray:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ondevice.quantize.quality import ReferenceLogits, _log_softmax, evaluate, read_text
+from ondevice.quantize.quality import ReferenceLogits, evaluate, read_text
 
 import ondevice
 from ondevice.errors import UsageError
+from ondevice.logits import log_softmax
 
 PYTHON = sys.executable  # the same interpreter and package as pytest
 
@@ -84,7 +85,7 @@ def test_perplexity_by_hand_on_one_window(demo_model, text):
 
 def test_log_softmax_matches_definition():
     x = np.array([[1.0, 2.0, 3.0], [-50.0, 0.0, 50.0]], dtype=np.float32)
-    ls = _log_softmax(x)
+    ls = log_softmax(x)
     assert np.allclose(np.exp(ls).sum(axis=1), 1.0)
     assert np.allclose(ls[0], x[0] - np.log(np.exp(x[0]).sum()))
 

@@ -24,6 +24,7 @@ from conftest import PYTHON
 import ondevice
 from ondevice import backends
 from ondevice.errors import ModelLoadError
+from ondevice.logits import agreement, log_softmax
 
 ICD = "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json"
 # ggml-vulkan skips CPU-type devices (lavapipe) unless asked for them by index; must be set
@@ -126,30 +127,6 @@ def test_partial_offload_is_reported(demo_path):
 
 
 # --- numerics: CPU vs Vulkan ---------------------------------------------------------------------
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def agreement(ref: np.ndarray, other: np.ndarray, k: int = 5) -> dict[str, float]:
-    """Per-position comparison of two [positions, vocab] logit arrays."""
-    lp, lq = log_softmax(ref), log_softmax(other)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)  # KL(ref || other), nats
-    top_ref = np.argsort(-ref, axis=-1)[:, :k]
-    top_other = np.argsort(-other, axis=-1)[:, :k]
-    overlap = [len(set(a) & set(b)) / k for a, b in zip(top_ref, top_other, strict=True)]
-    return {
-        "positions": float(len(ref)),
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "top1": float((top_ref[:, 0] == top_other[:, 0]).mean()),
-        f"top{k}_overlap": float(np.mean(overlap)),
-        "max_abs_diff": float(np.abs(ref - other).max()),
-        "logit_scale": float(np.abs(ref).max()),
-    }
-
-
 def all_logits(model: ondevice.Model, tokens: list[int]) -> np.ndarray:
     with model.lock():
         model.engine.kv_clear()
