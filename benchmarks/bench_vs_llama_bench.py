@@ -211,7 +211,7 @@ def phi2_shaped(qtype: str) -> Path:
 
 def model_path(name: str) -> Path:
     if name == "demo":
-        from ondevice.models import demo_model_path
+        from ondevice.locate import demo_model_path
 
         return demo_model_path()
     if name == "q4km":
@@ -254,7 +254,7 @@ def compare(
     # ondevice's flash_attn="auto" is off on the CPU for Phi-2 (its attention overflows f16
     # in the CPU's fused kernel; see backends.attention_settings): give llama-bench the same.
     from ondevice import fit
-    from ondevice.gguf_check import read_header
+    from ondevice.gguf_header import read_header
 
     fa = "auto" if fit.flash_attn_default(read_header(model)) else "off"
     res: dict[str, dict[str, list[float]]] = {

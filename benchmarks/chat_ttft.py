@@ -216,7 +216,7 @@ def measure_paired(model, first_model, pairs: int, max_tokens: int) -> list[dict
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, list[list[dict]]], dict]:
     import ondevice
-    from ondevice.models import demo_model_path
+    from ondevice.locate import demo_model_path
 
     path = args.model or str(demo_model_path())
     runs: dict[str, list[list[dict]]] = {"ondevice": [], "ondevice, no reuse": []}

@@ -34,9 +34,11 @@ def child(model: str, n_ctx: int, kv_type: str, threads: int, flash_attn: str = 
     import random
 
     import ondevice
-    from ondevice import bench, engine, stats
+    from ondevice import bench, policy, stats
+    from ondevice._native import binding
 
-    engine.init_backend()
+    policy.set_omp_passive()  # as load() does, before llama.cpp's libraries load
+    binding.llama()  # llama.cpp's libraries in memory before the baseline reading
     base = stats.memory_breakdown()
     with bench.native_log_lines() as lines:
         m = ondevice.load(
@@ -46,7 +48,7 @@ def child(model: str, n_ctx: int, kv_type: str, threads: int, flash_attn: str = 
     bufs = bench.buffer_sizes(lines)
     rng = random.Random(0)
     n_fill = m.n_ctx - 24
-    vocab = m.engine.n_vocab
+    vocab = m.n_vocab
     prompt = [rng.randrange(vocab) for _ in range(n_fill)]
     t0 = time.perf_counter()
     res = m.generate(prompt, max_tokens=8, temperature=0)
@@ -61,8 +63,8 @@ def child(model: str, n_ctx: int, kv_type: str, threads: int, flash_attn: str = 
         "filled": filled,
         "peak_rss_bytes": stats.peak_rss_bytes(),
         "llama_buffers": bufs,
-        "repack": bool(m.engine.config.use_extra_bufts),
-        "flash_attn": m.engine.config.flash_attn,
+        "repack": bool(m.config.use_extra_bufts),
+        "flash_attn": m.config.flash_attn,
         "kv_bytes_model": m.kv_bytes,
     }
 
@@ -102,7 +104,7 @@ def main() -> None:
     from stream_vs_llama_bench import machine_line, write_results
 
     from ondevice import fit
-    from ondevice.gguf_check import read_header
+    from ondevice.gguf_header import read_header
 
     rows = []
     t_start = time.time()

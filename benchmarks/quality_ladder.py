@@ -101,7 +101,7 @@ def main() -> None:
     from ondevice.quantize.quality import read_text
     from ondevice.quantize.report import quality_ladder
 
-    from ondevice.models import demo_model_path
+    from ondevice.locate import demo_model_path
 
     demo = demo_model_path()
     f16 = CACHE / "quality" / "demo-f16.gguf"

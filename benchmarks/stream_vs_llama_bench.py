@@ -221,7 +221,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions inside each round")
     ap.add_argument("--write-results", action="store_true", help=f"update {RESULTS.name}")
     args = ap.parse_args()
-    from ondevice.models import demo_model_path
+    from ondevice.locate import demo_model_path
 
     paths = args.model or [str(demo_model_path())]
     t0 = time.time()

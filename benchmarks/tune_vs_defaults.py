@@ -55,7 +55,7 @@ FILES = {
 
 def model_path(name: str) -> Path:
     if name == "demo":
-        from ondevice.models import demo_model_path
+        from ondevice.locate import demo_model_path
 
         return demo_model_path()
     path = FILES.get(name, Path(name))

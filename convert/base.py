@@ -9,12 +9,12 @@ GGUF tensor must have. Everything else is here. Tensor names and metadata keys c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
-import secrets
 import sys
 import types
 from collections import deque
@@ -30,6 +30,7 @@ from ondevice.convert import quants
 from ondevice.convert.safetensors_source import FLOAT_DTYPES, Checkpoint, TensorRef
 from ondevice.convert.tokenizer import load_bpe_vocab
 
+from ondevice import paths
 from ondevice.errors import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -473,58 +474,12 @@ def check_outtype(outtype: str) -> None:
 
 def check_output_path(out: Path, force: bool) -> None:
     """Refuse early what would fail late: an existing OUT without force, a missing folder."""
-    if out.is_dir():
-        raise ConversionError(f"{out} is a folder; give the output file name")
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists", hint="pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise ConversionError(f"the output folder {out.parent} does not exist")
+    paths.check_target(out, overwrite=force, error=ConversionError)
 
 
-class atomic_output:  # noqa: N801 (used like a function: `with atomic_output(out, force) as tmp`)
-    """A temporary file beside `out` that becomes `out` only if the block finishes.
-
-    On any exception, Ctrl-C included, the temporary file is removed and `out` is untouched.
-    Without `force` an existing `out` is never replaced, even one created meanwhile.
-    """
-
-    def __init__(self, out: Path, force: bool) -> None:
-        self.out = out
-        self.force = force
-        self.tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
-
-    def __enter__(self) -> Path:
-        # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as for `out`
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        try:
-            self._publish()
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            raise
-
-    def _publish(self) -> None:
-        if self.force:
-            os.replace(self.tmp, self.out)
-            return
-        try:
-            os.link(self.tmp, self.out)  # fails if out exists: no check-then-replace race
-        except FileExistsError:
-            raise ConversionError(
-                f"{self.out} already exists", hint="pass --force to overwrite it"
-            ) from None
-        except OSError:
-            # file systems without hard links: best effort
-            if self.out.exists():
-                raise ConversionError(
-                    f"{self.out} already exists", hint="pass --force to overwrite it"
-                ) from None
-            os.replace(self.tmp, self.out)
-            return
-        self.tmp.unlink()
+def atomic_output(out: Path, force: bool) -> contextlib.AbstractContextManager[Path]:
+    """A temporary file beside `out` that becomes `out` only if the block finishes
+    (`ondevice.paths.atomic_write`): on any exception, Ctrl-C included, it is removed and `out`
+    is untouched; without `force` an existing `out` is never replaced, even one created
+    meanwhile."""
+    return paths.atomic_write(out, overwrite=force, error=ConversionError)

@@ -7,6 +7,21 @@
 
 The runtime lives in this package; `ondevice.convert` (Hugging Face safetensors → GGUF) and
 `ondevice.quantize` (llama.cpp's quantizer and quality reports) are installed beside it.
+
+Layers. A module imports only modules of its own layer or of a layer below it, never one above,
+and there are no import cycles; tests/test_layers.py reads every import (inside functions too)
+and checks both against this table, which is the one place the layering is written down:
+
+    LAYER foundation  errors paths settings stats results system logits
+    LAYER native      _native
+    LAYER model-files gguf_header gguf_check policy fit chat_formats store locate models tune_store
+    LAYER devices     backends
+    LAYER runtime     generation app conversation runtime loader
+    LAYER tools       bench tune pull repl quantize convert
+    LAYER interfaces  cli __main__
+
+(`_native`, `quantize`, `convert` and `cli` are packages: their modules share the layer.)
+Only `ondevice._native` imports the binding (llama_cpp) or calls ggml through ctypes.
 """
 
 from __future__ import annotations
@@ -26,16 +41,17 @@ from ondevice.errors import (  # noqa: E402
     OndeviceError,
 )
 
-# The runtime imports llama.cpp's shared libraries (a second or so); load it on first use so
-# `ondevice list`, `ondevice.convert` on a build server and `--help` stay fast.
+# The runtime loads llama.cpp's shared libraries when first used (a second or so); these names
+# are resolved on first access so `ondevice list`, `ondevice fit`, `ondevice.convert` on a build
+# server and `--help` never pay for it.
 _LAZY = {
-    "Chunk": "ondevice.runtime",
+    "Chunk": "ondevice.results",
+    "Result": "ondevice.results",
     "Model": "ondevice.runtime",
-    "Result": "ondevice.runtime",
-    "load": "ondevice.runtime",
+    "load": "ondevice.loader",
+    "load_async": "ondevice.loader",
+    "aload": "ondevice.loader",
     "Stats": "ondevice.stats",
-    "aload": "ondevice.app",
-    "load_async": "ondevice.app",
 }
 
 

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ondevice import stats as _stats
-from ondevice.errors import Cancelled, UsageError
-from ondevice.runtime import Chunk, Model, Result, load
+from ondevice.errors import UsageError
+from ondevice.results import Chunk, Result
 from ondevice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def start(
         except BaseException as exc:  # noqa: BLE001 - delivered to on_error, never lost
             cancel.set()
             handle.error = exc
-            _deliver_error(handle, exc, on_error)
+            deliver_error(handle, exc, on_error)
         else:
             if on_done is not None:
                 try:
@@ -301,7 +301,7 @@ def start(
     return handle
 
 
-def _deliver_error(handle: Handle, exc: BaseException, on_error: Callable | None) -> None:
+def deliver_error(handle: Handle, exc: BaseException, on_error: Callable | None) -> None:
     if on_error is None:
         log.error("%s failed: %s", handle.name, exc, exc_info=exc)
         return
@@ -462,7 +462,7 @@ def astream(source: Streamable, prompt: Any, /, **kwargs: Any) -> AsyncStream:
     return AsyncStream(source, prompt, dict(kwargs))
 
 
-# --- loading in the background ----------------------------------------------------------------
+# --- loading in the background (ondevice.load_async runs these on a worker thread) -----------
 
 
 class LoadHandle(Handle):
@@ -477,91 +477,6 @@ class LoadHandle(Handle):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.progress = 0.0
-
-
-def load_async(
-    model: Any,
-    *,
-    on_progress: Callable[[float], Any] | None = None,
-    on_done: Callable[[Model], Any] | None = None,
-    on_error: Callable[[BaseException], Any] | None = None,
-    **load_kwargs: Any,
-) -> LoadHandle:
-    """`ondevice.load(model, **load_kwargs)` on a worker thread; returns a `LoadHandle` at once.
-
-    on_progress(fraction)  as llama.cpp loads the weights (0..1, rising).
-    on_done(model)         the loaded `Model` (also `handle.result` / `handle.get()`).
-    on_error(exc)          a missing or invalid file, not enough memory, or `Cancelled`.
-    All run on the worker thread.
-    """
-    handle = LoadHandle(f"ondevice-load-{id(load_kwargs):x}")
-
-    def progress(value: float) -> None:
-        handle.progress = value
-        if on_progress is not None:
-            on_progress(value)
-
-    def work() -> None:
-        try:
-            m = load(model, on_progress=progress, **load_kwargs)
-            if handle.cancelled:
-                m.close()
-                raise Cancelled("the load was cancelled")
-            handle.result = m
-        except BaseException as exc:  # noqa: BLE001 - delivered to on_error
-            handle.error = exc
-            _deliver_error(handle, exc, on_error)
-        else:
-            if on_done is not None:
-                try:
-                    on_done(m)
-                except Exception:  # noqa: BLE001
-                    log.exception("on_done callback failed")
-        finally:
-            handle._done.set()
-
-    handle._launch(work)
-    return handle
-
-
-async def aload(
-    model: Any, *, on_progress: Callable[[float], Any] | None = None, **load_kwargs: Any
-) -> Model:
-    """`ondevice.load()` for asyncio: the load runs on a worker thread and `on_progress` is
-    called on the event loop. Cancelling the awaiting task closes the model once llama.cpp
-    has finished loading it."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Model] = loop.create_future()
-
-    def progress(value: float) -> None:
-        if on_progress is not None:
-            loop.call_soon_threadsafe(on_progress, value)
-
-    def finish(set_it: Callable[[Any], None], value: Any) -> None:
-        def apply() -> None:
-            if not done.cancelled():
-                set_it(value)
-            elif isinstance(value, Model):
-                value.close()  # nobody is waiting for it any more
-
-        try:
-            loop.call_soon_threadsafe(apply)
-        except RuntimeError:  # loop closed
-            if isinstance(value, Model):
-                value.close()
-
-    handle = load_async(
-        model,
-        on_progress=progress,
-        on_done=lambda m: finish(done.set_result, m),
-        on_error=lambda e: finish(done.set_exception, e),
-        **load_kwargs,
-    )
-    try:
-        return await done
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
 
 
 # --- live numbers for a status bar -------------------------------------------------------------
@@ -597,18 +512,17 @@ class LiveStats:
         )
 
 
-def live_stats(model: Model) -> LiveStats:
+def live_stats(model: Any) -> LiveStats:
     """Cheap enough for every 100 ms: reads cached values and psutil, never the model's lock
-    (which a running generation holds)."""
+    (which a running generation holds). `model` is an `ondevice.Model`."""
     return LiveStats(
-        generating=model._lock.locked(),
+        generating=model.busy,
         last=model.last_stats,
         rss_bytes=_stats.rss_bytes(),
         peak_rss_bytes=_stats.peak_rss_bytes(),
         model_bytes=model.model_bytes,
         kv_bytes=model.kv_bytes,
-        # len() of a list another thread appends to is atomic in CPython: a moment's value.
-        kv_tokens=len(model._cached),
+        kv_tokens=model.kv_tokens,  # a moment's value while a generation runs
         n_ctx=model.n_ctx,
     )
 
@@ -619,9 +533,7 @@ __all__ = [
     "Handle",
     "LiveStats",
     "LoadHandle",
-    "aload",
     "astream",
     "live_stats",
-    "load_async",
     "start",
 ]

@@ -1,8 +1,7 @@
 """Which compute backends and devices the installed llama.cpp has, and which one a model runs on.
 
-The binding has no wrapper for ggml's backend registry, so we call it with ctypes in the ggml
-shared library that llama-cpp-python installs. `probe()` gathers the facts (platform, backends
-compiled in, devices with their memory); `choose()` turns a user's `backend=`/`gpu_layers=`
+`probe()` gathers the facts (platform, backends compiled in, devices with their memory) from
+ggml's registry (`ondevice._native.devices`); `choose()` turns a user's `backend=`/`gpu_layers=`
 into a `Placement` from those facts alone, so the selection logic is tested with simulated
 probes (a Mac with Metal, a PC with two Vulkan GPUs) on any machine.
 
@@ -15,25 +14,23 @@ with `fallback=False`).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import platform
 import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import psutil
+
+from ondevice import fit, policy, system
+from ondevice._native import binding
+from ondevice._native import devices as native_devices
+from ondevice._native.log import offloaded_layers  # noqa: F401 - part of this module's API
 from ondevice.errors import BackendUnavailable, UsageError
-
-if TYPE_CHECKING:
-    from ondevice.gguf_check import GGUFHeader
+from ondevice.gguf_header import GGUFHeader
 
 log = logging.getLogger(__name__)
-
-# ggml_backend_dev_type (ggml-backend.h)
-_DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 
 # Our backend names -> ggml registry names (Metal registers as "MTL"; older builds "Metal").
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -139,60 +136,17 @@ class Placement:
 CPU = Placement("cpu", "CPU", 0)
 
 
-# --- ggml's registry through ctypes -----------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _ggml() -> ctypes.CDLL:
-    """The ggml library that llama-cpp-python loaded, with the registry functions typed."""
-    from llama_cpp import _ggml as binding_ggml
-
-    from ondevice import engine
-
-    engine.init_backend()  # llama.cpp's logging first, so device discovery logs go through it
-    lib = binding_ggml.libggml
-    vp = ctypes.c_void_p
-    sigs = {
-        "ggml_backend_dev_count": ([], ctypes.c_size_t),
-        "ggml_backend_dev_get": ([ctypes.c_size_t], vp),
-        "ggml_backend_dev_name": ([vp], ctypes.c_char_p),
-        "ggml_backend_dev_description": ([vp], ctypes.c_char_p),
-        "ggml_backend_dev_type": ([vp], ctypes.c_int),
-        "ggml_backend_dev_memory": (
-            [vp, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
-            None,
-        ),
-        "ggml_backend_dev_backend_reg": ([vp], vp),
-        "ggml_backend_reg_count": ([], ctypes.c_size_t),
-        "ggml_backend_reg_get": ([ctypes.c_size_t], vp),
-        "ggml_backend_reg_name": ([vp], ctypes.c_char_p),
-    }
-    for name, (argtypes, restype) in sigs.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = restype
-    return lib
-
-
-def _text(value: bytes | None) -> str:
-    return (value or b"").decode(errors="replace")
-
-
+# --- the facts, from ggml's registry ------------------------------------------------------------
 def registered_backends() -> list[str]:
     """Names of the ggml backends that initialised in this process ("CPU", "Vulkan", "MTL")."""
-    lib = _ggml()
-    return [
-        _text(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)))
-        for i in range(lib.ggml_backend_reg_count())
-    ]
+    return native_devices.registered_backends()
 
 
 def compiled_backends() -> list[str]:
     """GPU backends built into the installed binding, from the libraries it ships
     (libggml-vulkan.so, libggml-metal.dylib, ...): present even when the backend found no
     device or its driver failed to initialise, unlike `registered_backends()`."""
-    import llama_cpp
-
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    names = {p.name for p in lib_dir.iterdir()} if lib_dir.is_dir() else set()
+    names = native_devices.library_names()
     found = []
     for family, stem in _LIBRARY_NAMES.items():
         if any(n.startswith((f"libggml-{stem}.", f"ggml-{stem}.")) for n in names):
@@ -206,33 +160,12 @@ def compiled_backends() -> list[str]:
 
 def devices() -> list[Device]:
     """Every device ggml can run on, with its free and total memory."""
-    lib = _ggml()
-    out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        reg = lib.ggml_backend_dev_backend_reg(dev)
-        out.append(
-            Device(
-                index=i,
-                name=_text(lib.ggml_backend_dev_name(dev)),
-                description=_text(lib.ggml_backend_dev_description(dev)),
-                type=_DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
-                backend=_text(lib.ggml_backend_reg_name(reg)) if reg else "",
-                memory_free=free.value,
-                memory_total=total.value,
-            )
-        )
-    return out
+    return [Device(**vars(d)) for d in native_devices.devices()]
 
 
 def device_handle(index: int) -> int:
     """The ggml_backend_dev_t of registry device `index`, as an address for llama.cpp."""
-    lib = _ggml()
-    if not 0 <= index < lib.ggml_backend_dev_count():
-        raise BackendUnavailable(f"ggml has no device {index}")
-    return int(lib.ggml_backend_dev_get(index))
+    return native_devices.device_handle(index)
 
 
 def probe() -> Probe:
@@ -249,16 +182,11 @@ def probe() -> Probe:
 def build_info() -> dict[str, Any]:
     """How the installed binding was built: version, llama.cpp's system info, backends, and
     the reinstall command for each GPU backend this platform could use but lacks."""
-    import llama_cpp
-
-    from ondevice import engine
-
-    engine.init_backend()
     compiled = compiled_backends()
     wanted = ["metal"] if sys.platform == "darwin" else ["vulkan", "cuda"]
     return {
-        "version": getattr(llama_cpp, "__version__", "unknown"),
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "version": binding.version(),
+        "system_info": binding.system_info(),
         "backends": registered_backends(),
         "gpu_backends_compiled": compiled,
         "reinstall": {f: REINSTALL[f] for f in wanted if f not in compiled},
@@ -434,8 +362,6 @@ def layers_that_fit(
     """How many layers to offload into `free_bytes` of device memory: -1 when the whole model
     (every layer and the output) fits, else the count of layers (llama.cpp offloads the last
     ones) whose weights and KV cache fit next to the compute buffer; 0 when none does."""
-    from ondevice import fit
-
     per_layer, output = layer_bytes(header)
     if not per_layer:
         return -1
@@ -453,82 +379,20 @@ def layers_that_fit(
     return n
 
 
-# --- per-backend settings (Phi-2's attention must not overflow in f16) ------------------------
-@dataclass(frozen=True)
-class AttentionSettings:
-    flash_attn: str  # auto | on | off, what llama.cpp gets
-    offload_kqv: bool
-    notes: tuple[str, ...] = ()
-
-
-# Architectures whose attention scores overflow f16 (HF upcasts Q and K for Phi-2).
-F16_OVERFLOW_ARCHS = frozenset({"phi2"})
-
-
+# --- per-backend settings ---------------------------------------------------------------------
 def attention_settings(
     arch: str,
     placement: Placement,
     flash_attn: str = "auto",
     kv_type: str = "f16",
     head_dims: tuple[int, ...] = (),
-) -> AttentionSettings:
-    """The KV-cache and flash-attention settings a backend needs for an architecture.
-
-    - offload_kqv is always on: with it off the KV cache and the attention stay on the CPU,
-      and Phi-2 produced garbage on CUDA that way (llama.cpp issue #4437).
-    - Phi-2's attention scores overflow f16. llama.cpp (0.3.36's vendored tree) asks for f32
-      accumulation of K*Q on every backend, with and without flash attention, and the GPU
-      kernels honour it (Vulkan: f32acc when the op's precision is F32; Metal: scores in
-      float). The CPU's flash-attention kernel, though, accumulates softmax*V in f16 when the
-      V cache is f16 (ggml-cpu ops.cpp, VKQ16), so for these architectures on the CPU
-      flash_attn="auto" means off.
-    - On the CPU, "auto" means off for every architecture whose KV cache is not quantized:
-      llama.cpp's CPU flash-attention kernel (0.3.36) makes decoding deep in a context about
-      twice as slow (llama-bench, demo model, 2 threads: tg32 at depth 1500 45 t/s off vs 20 on;
-      chat turn 10 TTFT 139 vs 261 ms), for a few percent of prompt speed at depth 0. A
-      quantized V cache needs flash attention, so there "auto" stays llama.cpp's (on).
-      `ondevice tune` measures both and may store "on" for a prompt-heavy workload.
-    - A quantized KV cache needs head dimensions divisible by the type's block (Phi-2's 80 is
-      not: q8_0/q4_0 fail), so we refuse it here with a one-line error instead of letting
-      llama.cpp fail the context.
-    """
-    from ondevice import engine
-
-    notes: list[str] = []
-    block = engine.KV_TYPE_SIZES.get(kv_type, (1, 2))[0]
-    if block > 1:
-        bad = sorted({d for d in head_dims if d and d % block})
-        if bad:
-            raise UsageError(
-                f"{arch} cannot use a {kv_type} KV cache: its head dimension {bad[0]} is not a "
-                f"multiple of {block}",
-                hint="use --kv-type f16 (or bf16/f32)",
-            )
-    fa = flash_attn
-    if not placement.on_gpu and flash_attn == "auto" and block == 1:
-        fa = "off"
-    if arch in F16_OVERFLOW_ARCHS and not placement.on_gpu and kv_type != "f32":
-        if flash_attn == "on":
-            notes.append(
-                f"flash attention on the CPU accumulates {arch}'s attention in f16, which can "
-                "overflow; use --flash-attn auto (off) or --kv-type f32"
-            )
-    return AttentionSettings(flash_attn=fa, offload_kqv=True, notes=tuple(notes))
+) -> policy.AttentionSettings:
+    """`ondevice.policy.attention_settings` for a placement (which says why)."""
+    dims = (tuple(head_dims) + (0, 0))[:2]
+    return policy.attention_settings(arch, placement.on_gpu, flash_attn, kv_type, dims)
 
 
 # --- what ran -----------------------------------------------------------------------------------
-_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
-
-
-def offloaded_layers(log_lines: list[str]) -> tuple[int, int] | None:
-    """(offloaded, total) from llama.cpp's load log line "offloaded 31/31 layers to GPU"."""
-    for line in reversed(log_lines):
-        m = _OFFLOADED.search(line)
-        if m:
-            return int(m.group(1)), int(m.group(2))
-    return None
-
-
 def describe(placement: Placement, offloaded: tuple[int, int] | None) -> str:
     """Stats.backend: "CPU", or the device with how much of the model it holds."""
     if not placement.on_gpu:
@@ -544,14 +408,55 @@ def engine_devices(placement: Placement) -> list[int]:
     return [device_handle(placement.device_index)] if placement.on_gpu else []
 
 
-def head_dims(header: GGUFHeader) -> tuple[int, ...]:
+def head_dims(header: GGUFHeader) -> tuple[int, int]:
     """The model's key and value head dimensions (what a quantized KV cache must divide)."""
+    return header.head_dims
 
-    def first(value: Any) -> int:
-        return int(max(value)) if isinstance(value, list) and value else int(value or 0)
 
-    n_embd = first(header.arch_value("embedding_length", 0))
-    n_head = first(header.arch_value("attention.head_count", 0))
-    k = first(header.arch_value("attention.key_length", 0)) or (n_embd // n_head if n_head else 0)
-    v = first(header.arch_value("attention.value_length", 0)) or k
-    return (k, v)
+# --- everything `ondevice system` prints -------------------------------------------------------
+@dataclass
+class SystemInfo:
+    os: str
+    machine: str
+    cpu_model: str
+    cpu_features: list[str]
+    cores_logical: int
+    cores_physical: int
+    cores_performance: int
+    cores_efficiency: int
+    core_split_source: str
+    auto_threads: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    llama_cpp_python: str
+    llama_cpp_system_info: str
+    backends: list[str]
+    devices: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def system_info() -> SystemInfo:
+    """Everything `ondevice system` prints; loads llama.cpp's library but no model."""
+    topo = system.cpu_topology()
+    mem = psutil.virtual_memory()
+    build = build_info()
+    return SystemInfo(
+        os=f"{platform.system()} {platform.release()}",
+        machine=platform.machine(),
+        cpu_model=system.cpu_model(),
+        cpu_features=system.cpu_features(),
+        cores_logical=topo.logical,
+        cores_physical=topo.physical,
+        cores_performance=topo.n_performance,
+        cores_efficiency=len(topo.efficiency),
+        core_split_source=topo.source,
+        auto_threads=system.auto_threads(),
+        ram_total_bytes=mem.total,
+        ram_available_bytes=mem.available,
+        llama_cpp_python=build["version"],
+        llama_cpp_system_info=build["system_info"],
+        backends=build["backends"],
+        devices=[d.to_dict() for d in devices()],
+    )

@@ -30,7 +30,6 @@ import logging
 import os
 import platform
 import random
-import re
 import socket
 import statistics
 import time
@@ -39,9 +38,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ondevice import fit, models, stats
+from ondevice import fit, locate, paths, policy, stats, system
+from ondevice._native import binding
+from ondevice._native import log as native_log
 from ondevice.errors import DoesNotFit, UsageError
-from ondevice.gguf_check import GGUFHeader, read_header
+from ondevice.gguf_header import GGUFHeader, read_header
+from ondevice.loader import load
 
 log = logging.getLogger(__name__)
 
@@ -190,43 +192,9 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-# --- llama.cpp's own numbers, from its log ----------------------------------------------------
-@contextlib.contextmanager
-def native_log_lines() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines (which ondevice routes to the `ondevice.llama_cpp` logger
-    at debug level) while the block runs, without printing them."""
-    lines: list[str] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger("ondevice.llama_cpp")
-    handler = _Keep(logging.DEBUG)
-    old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    try:
-        yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
-
-
-_BUF = re.compile(r"(\w+)\s+(KV|compute|output|model)\s+buffer size\s*=\s*([0-9.]+) MiB")
-
-
-def buffer_sizes(lines: list[str]) -> dict[str, int]:
-    """llama.cpp's "<dev> <what> buffer size = X MiB" lines summed by kind, in bytes:
-    {"model": ..., "KV": ..., "compute": ..., "output": ...}."""
-    out: dict[str, int] = {}
-    for line in lines:
-        m = _BUF.search(line)
-        if m:
-            out[m.group(2)] = out.get(m.group(2), 0) + int(float(m.group(3)) * 1024 * 1024)
-    return out
+# llama.cpp's own numbers, from its log (kept here under their old names for callers).
+native_log_lines = native_log.capture
+buffer_sizes = native_log.buffer_sizes
 
 
 # --- machine facts --------------------------------------------------------------------------
@@ -380,9 +348,6 @@ class _Runner:
     """Runs the tests of one `run_bench` call; keeps the facts every record repeats."""
 
     def __init__(self, path: Path, opts: BenchOptions, progress: Callable[[str], None]) -> None:
-        import ondevice
-
-        self.ondevice = ondevice
         self.path = path
         self.opts = opts
         self.progress = progress
@@ -395,15 +360,13 @@ class _Runner:
         self.n_vocab = 0
         self.n_params = self.header.n_params
         self.run_id = time.strftime("%Y%m%dT%H%M%S")
-        from ondevice.backends import build_info
-
-        self.build = f"llama-cpp-python {build_info()['version']}"
+        self.build = f"llama-cpp-python {binding.version()}"
 
     # A fresh model per test, as llama-bench makes a fresh context per test.
     def load(self, n_ctx: int, threads: int) -> tuple[Any, dict[str, int]]:
         o = self.opts
         with native_log_lines() as lines:
-            m = self.ondevice.load(
+            m = load(
                 self.path,
                 backend=o.backend,
                 n_ctx=n_ctx,
@@ -416,15 +379,16 @@ class _Runner:
                 tune=False,  # bench measures the settings it was given, not stored tunings
             )
         if not self.desc:
-            self.desc = m.engine.describe()
-        self.n_vocab = m.engine.n_vocab
+            self.desc = m.description
+        self.n_vocab = m.n_vocab
         return m, buffer_sizes(lines)
 
     def record(self, m: Any, bufs: dict[str, int], test: str, threads: int, **kw: Any) -> None:
         o = self.opts
         mem = stats.memory_breakdown()
-        repack = bool(m.engine.config.use_extra_bufts)
-        fa_on = m.engine.config.flash_attn != "off"
+        config = m.config
+        repack = bool(config.use_extra_bufts)
+        fa_on = config.flash_attn != "off"
         pred = fit.predict(
             self.header,
             m.n_ctx,
@@ -433,6 +397,7 @@ class _Runner:
             use_mmap=o.use_mmap,
             repack=repack,
             flash_attn=fa_on,
+            repack_family=policy.repack_family(system.cpu_features()),
         )
         rec = BenchRecord(
             model=self.path.name,
@@ -440,7 +405,7 @@ class _Runner:
             test=test,
             threads=threads,
             backend=BACKEND_NAMES.get(m.placement.backend, m.placement.backend),
-            device=m.backend,
+            device=m.device,
             tps_mean=0.0,
             tps_sd=0.0,
             peak_rss_bytes=stats.peak_rss_bytes(),
@@ -450,7 +415,7 @@ class _Runner:
             n_params=self.n_params,
             n_batch=o.n_batch,
             n_ubatch=o.n_ubatch,
-            flash_attn=m.engine.config.flash_attn,  # what ran (auto may mean off)
+            flash_attn=config.flash_attn,  # what ran (auto may mean off)
             kv_type=o.kv_type,
             use_mmap=o.use_mmap,
             repack=repack,
@@ -500,8 +465,7 @@ class _Runner:
         o = self.opts
         n_ctx = o.n_ctx or max(o.n_prompt + o.depth, 8)
         m, bufs = self.load(n_ctx, threads)
-        with m, m.lock():
-            eng = m.engine
+        with m, m.raw() as eng:
             bos = eng.bos if eng.add_bos else None
             if o.warmup:
                 eng.kv_clear()
@@ -526,8 +490,7 @@ class _Runner:
         o = self.opts
         n_ctx = o.n_ctx or max(o.n_gen + o.depth, 8)
         m, bufs = self.load(n_ctx, threads)
-        with m, m.lock():
-            eng = m.engine
+        with m, m.raw() as eng:
             bos = eng.bos if eng.add_bos else None
             if o.warmup:
                 eng.kv_clear()
@@ -607,7 +570,7 @@ class _Runner:
         m, bufs = self.load(n_ctx, threads)
         with m:
             base = m.tokenize(STREAM_TEXT, add_special=False)
-            bos = [m.engine.bos] if m.engine.add_bos else []
+            bos = [m.bos] if m.add_bos else []
             text = (base * (n_prompt // max(len(base), 1) + 1))[: n_prompt - len(bos)]
             prompt = bos + text
             if o.warmup:
@@ -644,8 +607,7 @@ class _Runner:
         block = max(o.n_gen, 16)
         m, bufs = self.load(o.n_ctx or (block + o.depth), threads)
         series: list[list[float]] = []
-        with m, m.lock():
-            eng = m.engine
+        with m, m.raw() as eng:
             bos = eng.bos if eng.add_bos else None
             t_start = time.perf_counter()
             while time.perf_counter() - t_start < o.sustained_s:
@@ -671,17 +633,16 @@ class _Runner:
         self.progress(f"sustained {o.sustained_s:g}s: last/first tenth {ratio:.3f}")
 
 
-def _check_budget(header: GGUFHeader, opts: BenchOptions, n_ctx: int, repack: bool) -> None:
+def _check_budget(
+    header: GGUFHeader, opts: BenchOptions, n_ctx: int, repack: bool, family: str
+) -> None:
     prof = opts.profile
     if prof is None:
         return
-    pred = fit.predict(
-        header, n_ctx, opts.kv_type, opts.n_ubatch, use_mmap=opts.use_mmap, repack=repack
-    )
+    kw: dict[str, Any] = dict(use_mmap=opts.use_mmap, repack=repack, repack_family=family)
+    pred = fit.predict(header, n_ctx, opts.kv_type, opts.n_ubatch, **kw)
     if pred.predicted_peak_bytes > prof.ram_bytes:
-        best = fit.max_context(
-            header, prof.ram_bytes, opts.kv_type, use_mmap=opts.use_mmap, repack=repack
-        )
+        best = fit.max_context(header, prof.ram_bytes, opts.kv_type, **kw)
         raise DoesNotFit(
             f"{Path(header.path).name} needs about {pred.predicted_peak_bytes / GiB:.2f} GiB at ctx "
             f"{n_ctx} ({opts.kv_type} KV) but profile {prof.name} allows "
@@ -694,12 +655,10 @@ def _check_budget(header: GGUFHeader, opts: BenchOptions, n_ctx: int, repack: bo
 def apply_profile(header: GGUFHeader, opts: BenchOptions) -> tuple[BenchOptions, list[int]]:
     """Options with the profile's threads, context and KV type (falling back to f16 where the
     model refuses the quantized cache), and the performance cores to pin to."""
-    from ondevice.system import cpu_topology
-
     prof = opts.profile
     if prof is None:
         return opts, []
-    topo = cpu_topology()
+    topo = system.cpu_topology()
     if topo.performance:
         cores = list(topo.performance)
     elif hasattr(os, "sched_getaffinity"):
@@ -721,7 +680,7 @@ def run_bench(
     """Run the benchmark; one record per test (and per thread count)."""
     opts = opts or BenchOptions()
     progress = progress or (lambda msg: log.info("%s", msg))
-    path = models.resolve(model)
+    path = locate.resolve(model)
     header = read_header(path)
     if opts.reps < 1:
         raise UsageError("repetitions (-r) must be at least 1")
@@ -732,13 +691,12 @@ def run_bench(
         raise UsageError(why, hint="use --kv-type f16")
     opts, cores = apply_profile(header, opts)
     if opts.profile is not None:
-        repack = fit.repack_default()
-        _check_budget(header, opts, opts.n_ctx or 0, repack)
+        features = system.cpu_features()
+        allowed, _ = policy.repack_allowed(policy.amx_build_likely(features))
+        _check_budget(header, opts, opts.n_ctx or 0, allowed, policy.repack_family(features))
         if opts.kv_type != opts.profile.kv_type:
             progress(f"{opts.profile.kv_type} KV cache refused by this model; using f16")
-    from ondevice.system import auto_threads
-
-    threads = opts.threads or [auto_threads()]
+    threads = opts.threads or [system.auto_threads()]
     runner = _Runner(path, opts, progress)
     with pinned(cores) as pin:
         runner.affinity = pin
@@ -766,19 +724,24 @@ def run_bench(
 
 
 def machine() -> str:
-    from ondevice.system import cpu_model
-
-    return f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} CPUs)"
+    return f"{system.cpu_model()} ({platform.machine()}, {os.cpu_count()} CPUs)"
 
 
 # --- saved runs -------------------------------------------------------------------------------
 def save(records: list[BenchRecord], path: str | os.PathLike[str]) -> None:
-    """Append the records to a JSON-lines file (one record per line), whole lines only."""
+    """Add the records to a JSON-lines file (one record per line); the file is rewritten
+    atomically, so it never holds a partial line."""
     import json
 
-    data = "".join(json.dumps(r.to_dict()) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(data)
+    target = Path(path)
+    try:
+        old = target.read_text(encoding="utf-8") if target.is_file() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {target} to add to it: {exc}") from None
+    if old and not old.endswith("\n"):
+        old += "\n"
+    new = "".join(json.dumps(r.to_dict()) + "\n" for r in records)
+    paths.write_text(target, old + new)
 
 
 def load_saved(path: str | os.PathLike[str]) -> list[BenchRecord]:

@@ -372,21 +372,6 @@ def _special_tokens(metadata: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def tokenize_prompt(model: Any, text: str) -> list[int]:
-    """Tokens of a rendered prompt: special tokens parsed, BOS added once.
-
-    The model's BOS is prepended when its vocabulary asks for one and the template has not
-    already written it (many templates start with `{{ bos_token }}`).
-    """
-    with model.lock():
-        eng = model.engine
-        tokens = eng.tokenize(text, add_special=False, parse_special=True)
-        bos = eng.bos
-        if eng.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
-            tokens.insert(0, bos)
-    return tokens
-
-
 # --- the sandbox ------------------------------------------------------------------------------
 
 

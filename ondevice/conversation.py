@@ -27,36 +27,42 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ondevice import chat_formats
+from ondevice import app, chat_formats, paths
 from ondevice.chat_formats import ChatFormat
-from ondevice.engine import SamplingParams
 from ondevice.errors import ContextOverflow, UsageError
-from ondevice.runtime import Chunk, Model, Result
+from ondevice.results import Chunk, Result
+from ondevice.settings import MAX_TOKENS, SAMPLING, Setting, sampling_defaults
 from ondevice.stats import Stats
 
 FILE_FORMAT = "ondevice.conversation"
 FILE_VERSION = 1
 DEFAULT_MAX_TOKENS = 512
 
-# What /set and Conversation.set accept: name -> (type, check, what the check means).
-SETTINGS: dict[str, tuple[type, Any, str]] = {
-    "temperature": (float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
-    "top_k": (int, lambda v: v >= 0, ">= 0 (0 = off)"),
-    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "min_p": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "repeat_penalty": (float, lambda v: v > 0, "> 0 (1 = off)"),
-    "repeat_last_n": (int, lambda v: v >= 0, ">= 0"),
-    "seed": (int, lambda v: True, "an integer, or none for a random seed"),
-    "max_tokens": (int, lambda v: v == -1 or v > 0, "> 0, or -1 for no limit"),
-}
+# What /set and Conversation.set accept: the sampling settings and max_tokens (ondevice.settings).
+SETTINGS: dict[str, Setting] = {**SAMPLING, "max_tokens": MAX_TOKENS}
+
+
+class ModelLike(Protocol):
+    """What a conversation needs of a model (`ondevice.Model` has it)."""
+
+    n_ctx: int
+    bos: int
+    add_bos: bool
+    path: Path
+    metadata: dict[str, Any]
+
+    def stream(self, prompt: Any, **kwargs: Any) -> Iterator[Chunk]: ...
+    def tokenize(
+        self, text: str | bytes, *, add_special: bool = ..., parse_special: bool = ...
+    ) -> list[int]: ...
+    def token_bytes(self, tokens: Sequence[int], *, special: bool = ...) -> list[bytes]: ...
 
 
 @dataclass
@@ -68,7 +74,7 @@ class Reply(Result):
 
 
 def chat(
-    model: Model,
+    model: ModelLike,
     messages: Sequence[Mapping[str, Any]],
     *,
     chat_format: str | None = None,
@@ -86,11 +92,24 @@ def chat(
     t0 = time.perf_counter()
     fmt = chat_formats.for_model(model, chat_format)
     text = fmt.render(messages, add_generation_prompt=True)
-    tokens = chat_formats.tokenize_prompt(model, text)
+    tokens = tokenize_prompt(model, text)
     gen = model.stream(
         tokens, max_tokens=max_tokens, stop=_stops(fmt, stop), cancel=cancel, **sampling
     )
     return _tidy(gen, time.perf_counter() - t0)
+
+
+def tokenize_prompt(model: ModelLike, text: str) -> list[int]:
+    """Tokens of a rendered prompt: special tokens parsed, BOS added once.
+
+    The model's BOS is prepended when its vocabulary asks for one and the template has not
+    already written it (many templates start with `{{ bos_token }}`).
+    """
+    tokens = model.tokenize(text, add_special=False, parse_special=True)
+    bos = model.bos
+    if model.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
+        tokens.insert(0, bos)
+    return tokens
 
 
 def _stops(fmt: ChatFormat, stop: str | Sequence[str] | None) -> list[str]:
@@ -213,7 +232,7 @@ class Conversation:
 
     def __init__(
         self,
-        model: Model,
+        model: ModelLike,
         system: str | None = None,
         *,
         chat_format: str | None = None,
@@ -277,28 +296,16 @@ class Conversation:
         repeat_last_n, seed, max_tokens); strings are converted. Returns the stored value."""
         if name not in SETTINGS:
             raise UsageError(f"unknown setting {name!r}", hint=f"use one of {', '.join(SETTINGS)}")
-        kind, ok, meaning = SETTINGS[name]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "random", "")):
-            if name != "seed":
-                raise UsageError(f"{name} needs a value ({meaning})")
+        converted = SETTINGS[name].validate(value)
+        if converted is None:
             self.settings.pop(name, None)
-            return None
-        try:
-            converted = kind(value) if not isinstance(value, bool) else None
-            if kind is int and isinstance(value, str):
-                converted = int(value, 0)
-        except (TypeError, ValueError):
-            converted = None
-        if converted is None or not ok(converted):
-            raise UsageError(f"{name} must be {meaning}, not {value!r}")
-        self.settings[name] = converted
+        else:
+            self.settings[name] = converted
         return converted
 
     def effective_settings(self) -> dict[str, Any]:
         """Every setting with the value a turn would use (defaults filled in)."""
-        defaults = SamplingParams()
-        out = {name: getattr(defaults, name, None) for name in SETTINGS}
-        out["max_tokens"] = DEFAULT_MAX_TOKENS
+        out = {**sampling_defaults(), "max_tokens": DEFAULT_MAX_TOKENS}
         out.update(self.settings)
         return out
 
@@ -310,11 +317,9 @@ class Conversation:
         assert self.last is not None
         return self.last
 
-    def astream(self, text: str, **kwargs: Any) -> Any:
+    def astream(self, text: str, **kwargs: Any) -> app.AsyncStream:
         """`stream()` as an async iterator run on a worker thread (`ondevice.app.astream`);
         cancelling the consuming task stops the reply within one token."""
-        from ondevice import app
-
         return app.astream(self, text, **kwargs)
 
     def stream(self, text: str, **kwargs: Any) -> Iterator[Chunk]:
@@ -392,9 +397,7 @@ class Conversation:
         self._turns = [*turns, user, {"role": "assistant", "content": text.strip()}]
         self.dropped_turns += dropped
         if tokens:
-            with self.model.lock():
-                eng = self.model.engine
-                pieces = [eng.piece(t, True) for t in tokens]
+            pieces = self.model.token_bytes(tokens)
             self._ledger.extend(tokens, b"".join(pieces), pieces)
 
     # --- fitting the context and building the tokens -----------------------------------------
@@ -431,30 +434,25 @@ class Conversation:
         data = prompt.encode("utf-8")
         keep_tok, keep_bytes = self._ledger.cut_for(data) if self._splittable else (0, 0)
         if keep_tok == 0:
-            tokens = chat_formats.tokenize_prompt(self.model, prompt)
+            tokens = tokenize_prompt(self.model, prompt)
             new_tokens, new_text = tokens, data
             added_bos = len(tokens) > 0 and not self._spells(tokens[:1], data)
         else:
-            with self.model.lock():
-                new_tokens = self.model.engine.tokenize(
-                    data[keep_bytes:], add_special=False, parse_special=True
-                )
+            new_tokens = self.model.tokenize(
+                data[keep_bytes:], add_special=False, parse_special=True
+            )
             tokens = self._ledger.tokens[:keep_tok] + new_tokens
             new_text = data[keep_bytes:]
             added_bos = False
         pieces = None
         if self._splittable:
-            with self.model.lock():
-                eng = self.model.engine
-                pieces = [eng.piece(t, True) for t in new_tokens]
+            pieces = self.model.token_bytes(new_tokens)
             if added_bos:
                 pieces[0] = b""
         return _Plan(tokens, keep_tok, keep_bytes, new_tokens, new_text, pieces)
 
     def _spells(self, tokens: list[int], data: bytes) -> bool:
-        with self.model.lock():
-            eng = self.model.engine
-            return data.startswith(b"".join(eng.piece(t, True) for t in tokens))
+        return data.startswith(b"".join(self.model.token_bytes(tokens)))
 
     def _apply(self, plan: _Plan) -> None:
         self._ledger.truncate(plan.keep_tokens, plan.keep_bytes)
@@ -464,10 +462,8 @@ class Conversation:
         """Whether tokenizing a text in two parts gives tokens that spell it exactly (byte-level
         BPE: yes; SentencePiece with a space prefix: no, each part gains a leading space)."""
         probe = b"a b\nc"
-        with self.model.lock():
-            eng = self.model.engine
-            toks = eng.tokenize(probe, add_special=False, parse_special=True)
-            return b"".join(eng.piece(t, True) for t in toks) == probe
+        toks = self.model.tokenize(probe, add_special=False, parse_special=True)
+        return b"".join(self.model.token_bytes(toks)) == probe
 
     # --- files ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -481,17 +477,7 @@ class Conversation:
             "system": self._system,
             "messages": self._turns,
         }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, ensure_ascii=False, indent=2)
-                fh.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return paths.write_text(target, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
 
     def load(self, path: str | os.PathLike[str]) -> int:
         """Replace the history (and system prompt) with a saved conversation, or with a JSON

@@ -59,6 +59,10 @@ class ModelLoadError(OndeviceError):
     """llama.cpp refused to load a file that passed our checks."""
 
 
+class LoadCancelled(ModelLoadError):
+    """The load was cancelled from its progress callback."""
+
+
 class BackendUnavailable(OndeviceError):
     """The requested compute backend is not compiled into the installed llama.cpp."""
 

@@ -30,11 +30,17 @@ SmolLM2-135M and Phi-2-shaped Q4_K_M / Q8_0 at 512 and 2048 tokens).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ondevice.gguf_check import GGUFHeader
+import psutil
+
+from ondevice import policy
+from ondevice.errors import DoesNotFit, UsageError
+from ondevice.gguf_header import GGUFHeader
+from ondevice.settings import KV_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +68,6 @@ ACT_FF_FLOATS = 3.0
 # ctx 2048 without flash attention touches 45 MiB more than with it (6.3 bytes per score).
 NOFA_SCORE_BYTES = 4
 NOFA_WORK_BYTES = 2
-
-KV_TYPE_SIZES = {
-    "f32": (1, 4),
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_1": (32, 20),
-    "q5_0": (32, 22),
-    "q5_1": (32, 24),
-}
-
-# Weight types llama.cpp's CPU backend repacks, by CPU family (ggml-cpu/repack.cpp,
-# ggml_repack_get_optimal_repack_type), with the row multiple the repacked layout needs.
-REPACK_TYPES = {
-    "x86_avx2": ({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}, 8),
-    "x86_avx512": ({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}, 8),
-    "arm_dotprod": ({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}, 4),
-    "none": (set(), 1),
-}
 
 # Effective bits per weight of llama.cpp's quantization presets (whole file over parameters,
 # from the published Phi-2 GGUF sizes: some tensors stay at higher precision), for "which
@@ -176,65 +162,20 @@ class FitReport:
 
 
 # --- the terms ------------------------------------------------------------------------------
-def _dims(header: GGUFHeader) -> dict[str, int]:
-    n_embd = int(header.arch_value("embedding_length", 0) or 0)
-    n_head = _first(header.arch_value("attention.head_count", 1)) or 1
-    n_head_kv = _first(header.arch_value("attention.head_count_kv", n_head)) or n_head
-    k_len = int(header.arch_value("attention.key_length", 0) or n_embd // n_head)
-    v_len = int(header.arch_value("attention.value_length", 0) or k_len)
-    return {
-        "n_layer": int(header.arch_value("block_count", 0) or 0),
-        "n_embd": n_embd,
-        "n_ff": _first(header.arch_value("feed_forward_length", 4 * n_embd)),
-        "n_head": n_head,
-        "n_head_kv": n_head_kv,
-        "k_len": k_len,
-        "v_len": v_len,
-        "n_vocab": _vocab_size(header),
-    }
-
-
-def _vocab_size(header: GGUFHeader) -> int:
-    tokens = header.metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list) and tokens:
-        return len(tokens)
-    n = header.arch_value("vocab_size")
-    if n:
-        return int(n)
-    for t in header.tensors:  # the embedding matrix is [n_embd, n_vocab]
-        if t.name == "token_embd.weight" and len(t.shape) == 2:
-            return int(t.shape[1])
-    return 32000
-
-
 def kv_type_problem(header: GGUFHeader, kv_type: str) -> str | None:
-    """Why llama.cpp would refuse this KV cache type for this model, or None if it's fine.
-
-    A quantized cache stores rows in blocks of 32 values; llama.cpp refuses it when a head's
-    width is not a multiple of the block (Phi-2: head size 80).
-    """
-    if kv_type not in KV_TYPE_SIZES:
-        return f"unknown KV cache type {kv_type!r} (use {', '.join(KV_TYPE_SIZES)})"
-    block, _ = KV_TYPE_SIZES[kv_type]
-    d = _dims(header)
-    for name, width in (("K", d["k_len"]), ("V", d["v_len"])):
-        if width % block:
-            return (
-                f"{kv_type} {name} cache blocks of {block} do not divide the head size "
-                f"{width} of this model ({header.architecture})"
-            )
-    return None
+    """Why llama.cpp would refuse this KV cache type for this model, or None if it's fine."""
+    return policy.kv_type_problem(header.head_dims, kv_type, header.architecture)
 
 
 def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16") -> int:
     """Bytes of the KV cache for n_ctx tokens: layers × cells × (K + V row bytes), where
     llama.cpp rounds the context up to a multiple of 256 cells."""
-    d = _dims(header)
+    d = header.dims()
     n_ctx = padded_ctx(n_ctx)
-    block, size = KV_TYPE_SIZES[kv_type]
-    row_k = d["k_len"] * d["n_head_kv"] // block * size
-    row_v = d["v_len"] * d["n_head_kv"] // block * size
-    return n_ctx * d["n_layer"] * (row_k + row_v)
+    kv = KV_TYPES[kv_type]
+    row_k = d.k_len * d.n_head_kv // kv.block * kv.block_bytes
+    row_v = d.v_len * d.n_head_kv // kv.block * kv.block_bytes
+    return n_ctx * d.n_layer * (row_k + row_v)
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -250,14 +191,8 @@ def _mask_bytes(n_ctx: int, n_tokens: int, flash_attn: bool) -> int:
 
 def flash_attn_default(header: GGUFHeader, kv_type: str = "f16") -> bool:
     """Whether `flash_attn="auto"` runs fused attention on the CPU for this model: only with a
-    quantized KV cache, which needs it (see backends.attention_settings for why it is off
-    otherwise)."""
-    from ondevice import backends
-
-    return (
-        backends.attention_settings(header.architecture, backends.CPU, "auto", kv_type).flash_attn
-        != "off"
-    )
+    quantized KV cache, which needs it (`ondevice.policy.attention_settings` says why)."""
+    return policy.flash_attn_on_cpu(kv_type)
 
 
 def compute_resident_bytes(
@@ -270,12 +205,12 @@ def compute_resident_bytes(
     attention the scores (n_kv × tokens × heads) and their f16 copy are added (counted on top
     of the activations, not beside them: an overestimate of a few percent of the total).
     """
-    d = _dims(header)
+    d = header.dims()
     t = min(n_ubatch, n_ctx)
-    acts = t * 4 * (ACT_EMBD_FLOATS * d["n_embd"] + ACT_FF_FLOATS * d["n_ff"])
-    out = acts + _mask_bytes(n_ctx, t, flash_attn) + 4 * d["n_vocab"]
+    acts = t * 4 * (ACT_EMBD_FLOATS * d.n_embd + ACT_FF_FLOATS * d.n_ff)
+    out = acts + _mask_bytes(n_ctx, t, flash_attn) + 4 * d.n_vocab
     if not flash_attn:
-        scores = padded_ctx(n_ctx) * t * d["n_head"]
+        scores = padded_ctx(n_ctx) * t * d.n_head
         out += scores * (NOFA_SCORE_BYTES + NOFA_WORK_BYTES)
     return int(out)
 
@@ -290,12 +225,12 @@ def compute_bytes(header: GGUFHeader, n_ctx: int, n_ubatch: int = 512) -> int:
 def compute_reserved_bytes(
     header: GGUFHeader, n_ctx: int, n_ubatch: int = 512, flash_attn: bool = True
 ) -> int:
-    d = _dims(header)
+    d = header.dims()
     t = min(n_ubatch, n_ctx)
-    layer = compute_resident_bytes(header, n_ctx, n_ubatch, flash_attn) - 4 * d["n_vocab"]
+    layer = compute_resident_bytes(header, n_ctx, n_ubatch, flash_attn) - 4 * d.n_vocab
     if not flash_attn:  # the f16 copy lives in the CPU backend's work buffer, not here
-        layer -= padded_ctx(n_ctx) * t * d["n_head"] * NOFA_WORK_BYTES
-    logits = t * 4 * (d["n_vocab"] + d["n_embd"]) + _mask_bytes(n_ctx, t, flash_attn)
+        layer -= padded_ctx(n_ctx) * t * d.n_head * NOFA_WORK_BYTES
+    logits = t * 4 * (d.n_vocab + d.n_embd) + _mask_bytes(n_ctx, t, flash_attn)
     return int(max(layer, logits))
 
 
@@ -314,25 +249,12 @@ def overhead_bytes(header: GGUFHeader) -> int:
     return RUNTIME_BASE_BYTES + TOKENIZER_BYTES_PER_ENTRY * tokenizer_entries(header)
 
 
-def cpu_repack_family() -> str:
-    """Which of REPACK_TYPES this CPU's llama.cpp build would use (from /proc/cpuinfo)."""
-    from ondevice.system import cpu_features
-
-    feats = set(cpu_features())
-    if "avx512f" in feats:
-        return "x86_avx512"
-    if "avx2" in feats:
-        return "x86_avx2"
-    if "asimddp" in feats or "i8mm" in feats:
-        return "arm_dotprod"
-    return "none"
-
-
-def repackable_bytes(header: GGUFHeader, family: str | None = None) -> int:
-    """Bytes of the weight matrices llama.cpp would repack on this CPU family: 2-D matrices
-    that feed a matrix multiply (not the token embeddings, which are row lookups) of a type the
-    family has kernels for, with a row count the interleaved layout divides."""
-    types, rows = REPACK_TYPES[family or cpu_repack_family()]
+def repackable_bytes(header: GGUFHeader, family: str) -> int:
+    """Bytes of the weight matrices llama.cpp would repack on this CPU family
+    (`ondevice.policy.repack_family`): 2-D matrices that feed a matrix multiply (not the token
+    embeddings, which are row lookups) of a type the family has kernels for, with a row count
+    the interleaved layout divides."""
+    types, rows = policy.REPACK_TYPES[family]
     total = 0
     for t in header.tensors:
         if t.name.startswith("token_embd") or len(t.shape) != 2:
@@ -351,14 +273,17 @@ def predict(
     use_mmap: bool = True,
     repack: bool = False,
     flash_attn: bool | None = None,
-    repack_family: str | None = None,
+    repack_family: str = "none",
 ) -> Prediction:
     """Predict the peak resident memory of this model loaded at n_ctx on the CPU.
 
-    repack     whether llama.cpp repacks weights (ondevice turns it off on AMX builds; it is
-               on by default elsewhere): `repack_default()` says what a load here does.
-    flash_attn whether attention runs fused; None = what `flash_attn="auto"` does on the CPU
-               for this model (`flash_attn_default`).
+    Pure arithmetic over the header and the facts passed in:
+    repack         whether llama.cpp repacks weights (ondevice turns it off on AMX builds; it
+                   is on by default elsewhere: `ondevice.policy.repack_allowed`).
+    repack_family  which CPU kernels would repack (`ondevice.policy.repack_family` of the
+                   CPU's features); only matters with `repack`.
+    flash_attn     whether attention runs fused; None = what `flash_attn="auto"` does on the
+                   CPU for this model (`flash_attn_default`).
     """
     if flash_attn is None:
         flash_attn = flash_attn_default(header, kv_type)
@@ -381,20 +306,8 @@ def predict(
     )
 
 
-def repack_default() -> bool:
-    """Whether a load with default settings repacks weights on this machine (the engine turns
-    it off on AMX builds unless ONDEVICE_ALLOW_AMX=1)."""
-    import os
-
-    from ondevice import engine
-
-    return not engine.amx_compiled() or os.environ.get("ONDEVICE_ALLOW_AMX") == "1"
-
-
 def available_memory_bytes() -> int:
     """Memory the OS could give us now without swapping (free + reclaimable cache)."""
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
@@ -407,29 +320,21 @@ def check_fits(
     use_mmap: bool = True,
     flash_attn: bool | None = None,
     available: int | None = None,
+    repack: bool = False,
+    repack_family: str = "none",
 ) -> Prediction:
     """What `load()` asks before llama.cpp allocates anything: raise DoesNotFit when the
     predicted peak would not fit the available memory (the OS would swap or kill us)."""
-    from ondevice.errors import DoesNotFit
-
-    repack = repack_default()
-    pred = predict(
-        header, n_ctx, kv_type, n_ubatch, use_mmap=use_mmap, repack=repack, flash_attn=flash_attn
+    kw: dict[str, Any] = dict(
+        use_mmap=use_mmap, repack=repack, flash_attn=flash_attn, repack_family=repack_family
     )
+    pred = predict(header, n_ctx, kv_type, n_ubatch, **kw)
     avail = available_memory_bytes() if available is None else available
     # The running interpreter is already resident: only the rest has to come out of `avail`.
     need = pred.predicted_peak_bytes - RUNTIME_BASE_BYTES
     if need <= avail:
         return pred
-    best = max_context(
-        header,
-        avail + RUNTIME_BASE_BYTES,
-        kv_type,
-        n_ubatch=n_ubatch,
-        use_mmap=use_mmap,
-        repack=repack,
-        flash_attn=flash_attn,
-    )
+    best = max_context(header, avail + RUNTIME_BASE_BYTES, kv_type, n_ubatch=n_ubatch, **kw)
     gib = 1024**3
     terms = (
         f"weights {pred.weights_bytes / gib:.2f} + KV {pred.kv_bytes / gib:.2f} + compute "
@@ -502,8 +407,6 @@ def fit_report(
     """Predict, compare with `ram_bytes`, and list the contexts / KV types / quants that fit."""
     problem = kv_type_problem(header, kv_type)
     if problem:
-        from ondevice.errors import UsageError
-
         raise UsageError(problem, hint="use --kv f16 for this model")
     pred = predict(header, n_ctx, kv_type, **kw)
     trained = int(header.arch_value("context_length", 0) or 0)
@@ -550,10 +453,6 @@ _UNITS = {
 
 def parse_bytes(text: str | int) -> int:
     """ "4GB" → 4e9, "3.5GiB" → 3.5·2³⁰, "512MiB", "2000000000"; UsageError otherwise."""
-    import re
-
-    from ondevice.errors import UsageError
-
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
@@ -566,11 +465,4 @@ def parse_bytes(text: str | int) -> int:
     value = float(m.group(1)) * _UNITS[unit]
     if value <= 0:
         raise UsageError(f"memory must be more than 0, got {text!r}")
-    return int(value)
-
-
-def _first(value: Any) -> int:
-    """Per-layer arrays (some models vary head counts by layer) → the largest value."""
-    if isinstance(value, list):
-        return int(max(value)) if value else 0
     return int(value)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ondevice import store
+from ondevice import paths, store
 from ondevice.errors import (
     ConversionError,
     DownloadError,
@@ -398,7 +398,7 @@ class _TensorBar:
 
 def _check_gguf(path: Path, quant: str) -> str | None:
     """Validate the header (nothing malformed enters the store); return the file type name."""
-    from ondevice.gguf_check import read_header
+    from ondevice.gguf_header import read_header
 
     header = read_header(path)
     ftype = header.metadata.get("general.file_type")
@@ -766,9 +766,4 @@ def _save_listing(repo: str, revision: str, commit: str, files: list[RemoteFile]
     data["refs"][revision] = commit
     data["trees"][commit] = [f.to_dict() for f in files]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    paths.write_text(path, json.dumps(data, indent=1))

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ondevice import chat_formats, models
+from ondevice import chat_formats, locate, paths, store
 from ondevice.conversation import SETTINGS, Conversation
 from ondevice.errors import MissingExtra, ModelNotFound, OndeviceError
 from ondevice.stats import Stats
@@ -57,7 +57,7 @@ def default_model() -> str:
     if recent:
         return recent
     try:
-        return str(models.demo_model_path())
+        return str(locate.demo_model_path())
     except MissingExtra:
         pass
     raise ModelNotFound(
@@ -68,10 +68,6 @@ def default_model() -> str:
 
 
 def _most_recent_pulled() -> str | None:
-    try:
-        from ondevice import store
-    except ImportError:
-        return None
     most_recent = getattr(store, "most_recent", None)
     if most_recent is None:
         return None
@@ -91,12 +87,7 @@ def _most_recent_pulled() -> str | None:
 
 def history_path() -> Path:
     """Where the REPL keeps its input history: $ONDEVICE_HOME or the user data dir."""
-    home = os.environ.get("ONDEVICE_HOME")
-    if home:
-        return Path(home).expanduser() / "chat_history"
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("ondevice", appauthor=False)) / "chat_history"
+    return paths.home() / "chat_history"
 
 
 def wants_color(stream: IO[str]) -> bool:
@@ -177,7 +168,7 @@ class Repl:
     def banner(self) -> str:
         m = self.model
         return (
-            f"ondevice chat · {m.path.name} · {self.conv.format.label} · {m.backend}, "
+            f"ondevice chat · {m.path.name} · {self.conv.format.label} · {m.device}, "
             f"{m.threads} threads · context {m.n_ctx} tokens\n"
             f"/help for commands · {FENCE} for several lines · Ctrl-C stops a reply · "
             f"Ctrl-D quits"
@@ -372,9 +363,8 @@ class Repl:
         """The /stats text: the last reply, the model and the context."""
         m, conv = self.model, self.conv
         mib = 1024 * 1024
-        with m.lock():
-            used = m.engine.kv_used()
-            kv_type = getattr(getattr(m.engine, "config", None), "type_k", "?")
+        used = m.kv_used()
+        kv_type = m.config.type_k
         rows: list[tuple[str, str]] = []
         last = conv.last
         if last is not None:
@@ -404,7 +394,7 @@ class Repl:
         rows += [
             ("model", m.path.name),
             ("  weights", f"{m.model_bytes / mib:.1f} MiB, loaded in {m.load_s:.2f} s"),
-            ("  backend", f"{m.backend}, {m.threads} threads"),
+            ("  backend", f"{m.device}, {m.threads} threads"),
             ("  context", f"{used} / {m.n_ctx} tokens used"),
             ("  KV cache", f"{m.kv_bytes / mib:.1f} MiB allocated ({kv_type})"),
             ("  chat format", conv.format.label),

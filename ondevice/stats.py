@@ -8,7 +8,6 @@ high-water mark for the peak).
 from __future__ import annotations
 
 import os
-import resource
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,6 +65,10 @@ def peak_rss_bytes() -> int:
     info = _PROC.memory_info()
     if hasattr(info, "peak_wset"):  # Windows
         return max(now, int(info.peak_wset))
+    try:
+        import resource  # POSIX only: absent on Windows, where peak_wset answered above
+    except ImportError:
+        return now
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return max(now, maxrss * scale)

@@ -12,7 +12,7 @@ first and the manifest last, so an interrupted pull leaves no entry behind. Name
 `phi-2:Q4_K_M`, or `phi-2` for the default quant (Q4_K_M if present, else the newest pull of that
 name); a hub repo id (`microsoft/phi-2`) names the entry pulled from it.
 
-This module reads and writes files only (no network, no huggingface-hub), so `models.resolve`
+This module reads and writes files only (no network, no huggingface-hub), so `locate.resolve`
 can call `lookup` on every command cheaply.
 """
 
@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ondevice import paths
 from ondevice.errors import ModelNotFound, UsageError
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,8 @@ _QUANT = re.compile(r"^[A-Z0-9_]{1,24}$")
 
 
 def home() -> Path:
-    """The store's root: $ONDEVICE_HOME if set, else the user data dir (e.g. ~/.local/share/ondevice)."""
-    env = os.environ.get("ONDEVICE_HOME")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("ondevice", appauthor=False))
+    """The store's root (`ondevice.paths.home()`: $ONDEVICE_HOME, else the user data dir)."""
+    return paths.home()
 
 
 def models_dir() -> Path:
@@ -233,7 +229,7 @@ def _newest(candidates: list[Entry]) -> Entry:
 def lookup(name: str) -> Path | None:
     """The GGUF file of the store entry `name`, or None if the store has no such entry.
 
-    Called by `models.resolve` for names that are neither files nor `demo`. An entry whose file
+    Called by `locate.resolve` for names that are neither files nor `demo`. An entry whose file
     has gone missing or changed size raises ModelNotFound naming the fix.
     """
     entry = find(name)
@@ -286,18 +282,21 @@ def install(staged: Path, manifest: dict[str, Any]) -> Entry:
     data = {"format": MANIFEST_FORMAT, **manifest, "name": name, "quant": quant}
     data["file"] = gguf_path.name
 
-    tmp_manifest = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.tmp")
+    paths.remove_stale_partials(manifest_path.parent)
+    tmp_manifest = paths.partial_path(manifest_path)
     try:
         with open(tmp_manifest, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_file(staged)
+        # The converter and quantizer may not sync; a power cut must not leave a manifest that
+        # describes a file whose blocks never reached the disk.
+        paths.fsync_file(staged)
         manifest_path.unlink(missing_ok=True)
         os.replace(staged, gguf_path)
         os.replace(tmp_manifest, manifest_path)
-        _fsync_dir(manifest_path.parent)
+        paths.fsync_dir(manifest_path.parent)
     finally:
         tmp_manifest.unlink(missing_ok=True)
     entry = _read_manifest(manifest_path)
@@ -353,20 +352,9 @@ def clean_stale_work_dirs() -> None:
         return
     for child in root.iterdir():
         pid_text = child.name.split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not paths.pid_alive(int(pid_text)):
             log.info("removing a killed pull's work folder %s", child)
             shutil.rmtree(child, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        import psutil
-
-        return psutil.pid_exists(pid)
-    except ImportError:  # psutil is a dependency; this is belt and braces
-        return True
 
 
 def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
@@ -375,23 +363,6 @@ def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    # The converter and quantizer may not sync; a power cut must not leave a manifest that
-    # describes a file whose blocks never reached the disk.
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def human_size(n: int) -> str:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -206,53 +205,3 @@ def cpu_features() -> list[str]:
     except OSError:
         pass
     return []
-
-
-@dataclass
-class SystemInfo:
-    os: str
-    machine: str
-    cpu_model: str
-    cpu_features: list[str]
-    cores_logical: int
-    cores_physical: int
-    cores_performance: int
-    cores_efficiency: int
-    core_split_source: str
-    auto_threads: int
-    ram_total_bytes: int
-    ram_available_bytes: int
-    llama_cpp_python: str
-    llama_cpp_system_info: str
-    backends: list[str]
-    devices: list[dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def system_info() -> SystemInfo:
-    """Everything `ondevice system` prints; loads llama.cpp's library but no model."""
-    from ondevice import backends
-
-    topo = cpu_topology()
-    mem = psutil.virtual_memory()
-    build = backends.build_info()
-    return SystemInfo(
-        os=f"{platform.system()} {platform.release()}",
-        machine=platform.machine(),
-        cpu_model=cpu_model(),
-        cpu_features=cpu_features(),
-        cores_logical=topo.logical,
-        cores_physical=topo.physical,
-        cores_performance=topo.n_performance,
-        cores_efficiency=len(topo.efficiency),
-        core_split_source=topo.source,
-        auto_threads=auto_threads(),
-        ram_total_bytes=mem.total,
-        ram_available_bytes=mem.available,
-        llama_cpp_python=build["version"],
-        llama_cpp_system_info=build["system_info"],
-        backends=build["backends"],
-        devices=[d.to_dict() for d in backends.devices()],
-    )

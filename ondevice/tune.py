@@ -44,7 +44,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ondevice import bench, fit, locate, policy, stats, system
+from ondevice._native import binding
+from ondevice._native import log as native_log
 from ondevice.errors import DoesNotFit, OndeviceError, UsageError
+from ondevice.gguf_header import read_header
+from ondevice.loader import load
 from ondevice.logits import kl_per_position
 from ondevice.tune_store import (
     WORKLOADS,
@@ -112,19 +119,15 @@ class Settings:
 
 
 def repack_usable() -> bool:
-    """Whether this llama.cpp build may repack weights here (the engine forces it off on AMX
-    builds, whose kernels die with SIGILL on this project's machines)."""
-    from ondevice import fit
-
-    return fit.repack_default()
+    """Whether this llama.cpp build may repack weights here (off on AMX builds, whose kernels
+    die with SIGILL on this project's machines: ondevice.policy.repack_allowed)."""
+    return policy.repack_allowed(binding.amx_compiled())[0]
 
 
 def default_settings(threads: int | None = None) -> Settings:
     """What `ondevice.load()` uses untuned: llama.cpp's defaults (flash attention auto, repacking
     where usable, mmap, n_batch 2048 / n_ubatch 512, f16 KV) on the performance cores."""
-    from ondevice.system import auto_threads
-
-    return Settings(repack=repack_usable(), threads=threads or auto_threads())
+    return Settings(repack=repack_usable(), threads=threads or system.auto_threads())
 
 
 # --- workloads ----------------------------------------------------------------------------------
@@ -251,9 +254,6 @@ def measure(
 ) -> Probe:
     """Load `path` with `settings` (untuned) and measure the workload's segments; adds one run
     to `probe` (a new one by default). Raises TooSlow when perf_counter() passes `deadline`."""
-    import ondevice
-    from ondevice import bench, stats
-
     probe = probe or Probe(settings)
     rng = random.Random(seed)
     t_wall = time.perf_counter()
@@ -263,12 +263,11 @@ def measure(
             probe.wall_s += time.perf_counter() - t_wall
             raise TooSlow(f"stopped after {time.perf_counter() - t_wall:.0f} s")
 
-    with bench.native_log_lines() as lines:
-        m = ondevice.load(path, n_ctx=n_ctx, tune=False, backend="auto", **settings.load_kwargs())
-    probe.flash_attn_resolved = _resolved_fa(lines, settings.flash_attn)
-    with m, m.lock():
+    with native_log.capture() as lines:
+        m = load(path, n_ctx=n_ctx, tune=False, backend="auto", **settings.load_kwargs())
+    probe.flash_attn_resolved = native_log.flash_attn_resolved(lines, settings.flash_attn)
+    with m, m.raw() as eng:
         probe.load_s = m.load_s
-        eng = m.engine
         nv = eng.n_vocab
         bos = eng.bos if eng.add_bos else None
         block = max(1, min(tg_block, n_ctx // 8))
@@ -334,19 +333,6 @@ class TooSlow(Exception):
     """A probe passed its deadline (it is slower than the incumbent)."""
 
 
-def _resolved_fa(lines: list[str], asked: str) -> str:
-    """What llama.cpp made of flash_attn=auto, from its log ("Flash Attention enabled")."""
-    if asked != "auto":
-        return asked
-    for line in lines:
-        low = line.lower()
-        if "flash" in low and ("enabled" in low or "disabled" in low or "not supported" in low):
-            return "on" if "enabled" in low else "off"
-        if "flash_attn" in low and "= disabled" in low:
-            return "off"
-    return "auto"
-
-
 # --- faithfulness -------------------------------------------------------------------------------
 @dataclass
 class Faithfulness:
@@ -364,13 +350,10 @@ class Faithfulness:
 
 
 def _logits(path: Path, settings: Settings, n_ctx: int, tokens: list[int] | None) -> Any:
-    import ondevice
-
-    with ondevice.load(path, n_ctx=n_ctx, tune=False, **settings.load_kwargs()) as m, m.lock():
-        eng = m.engine
+    with load(path, n_ctx=n_ctx, tune=False, **settings.load_kwargs()) as m:
         if tokens is None:
-            tokens = eng.tokenize(FAITH_TEXT)[: n_ctx - 1]
-        return tokens, eng.decode_all_logits(tokens)
+            tokens = m.tokenize(FAITH_TEXT)[: n_ctx - 1]
+        return tokens, m.score(tokens)
 
 
 def check_faithful(
@@ -384,12 +367,8 @@ def check_faithful(
     """Compare `settings` on `model` with `reference` (default: the defaults) on
     `reference_model` (default: the same file) by next-token KL divergence and top-1 agreement
     over every position of a fixed text."""
-    import numpy as np
-
-    from ondevice import models
-
-    cand_path = models.resolve(model)
-    ref_path = models.resolve(reference_model) if reference_model is not None else cand_path
+    cand_path = locate.resolve(model)
+    ref_path = locate.resolve(reference_model) if reference_model is not None else cand_path
     reference = reference or default_settings(settings.threads)
     tokens, ref = _logits(ref_path, reference, n_ctx, None)
     _, got = _logits(cand_path, settings, n_ctx, tokens)
@@ -477,9 +456,6 @@ def _candidates(
 ) -> tuple[list[Any], str | None]:
     """Values to try for one knob, or ([], why not). `max_chunk` is the workload's largest
     prompt chunk: micro-batches at least that large all run it in one pass."""
-    from ondevice import fit
-    from ondevice.system import cpu_topology
-
     if knob == "flash_attn":
         return ["on", "off"], None
     if knob == "repack":
@@ -488,11 +464,11 @@ def _candidates(
                 "unavailable: this llama.cpp build has AMX kernels, reached through repacking, "
                 "which crash on this machine (set ONDEVICE_ALLOW_AMX=1 to try)"
             )
-        if not fit.repackable_bytes(header):
+        if not fit.repackable_bytes(header, policy.repack_family(system.cpu_features())):
             return [], "nothing in this model is repacked on this CPU"
         return [True, False], None
     if knob == "threads":
-        topo = cpu_topology()
+        topo = system.cpu_topology()
         n = topo.n_performance
         vals = [n, n - 1, n // 2, topo.logical if topo.logical > n else 0]
         return sorted({v for v in vals if v >= 1}, reverse=True), None
@@ -528,17 +504,13 @@ def tune(
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Measure settings for `model` under `workload` on this device and store the winner."""
-    from ondevice import fit, models
-    from ondevice.gguf_check import read_header
-    from ondevice.runtime import DEFAULT_CTX
-
     say = progress or (lambda msg: log.info("%s", msg))
     t_start = time.perf_counter()
-    path = models.resolve(model)
+    path = locate.resolve(model)
     header = read_header(path)
     segments = workload_segments(workload, 8)  # validates the name early
     trained = int(header.arch_value("context_length", 0) or 0)
-    ctx = n_ctx or (min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX)
+    ctx = n_ctx or policy.default_ctx(trained)
     if ctx < 64:
         raise UsageError(f"tuning needs a context of at least 64 tokens, got {ctx}")
     segments = workload_segments(workload, ctx)
@@ -560,6 +532,7 @@ def tune(
             min(s.n_ubatch, s.n_batch),
             use_mmap=s.use_mmap,
             repack=s.repack and repack_usable(),
+            repack_family=policy.repack_family(system.cpu_features()),
             flash_attn=None if s.flash_attn == "auto" else s.flash_attn == "on",
         ).predicted_peak_bytes
 

@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from ondevice import paths
+from ondevice._native import binding
 from ondevice.errors import UsageError
+from ondevice.settings import DEFAULT_KV_TYPE, DEFAULT_N_BATCH, DEFAULT_N_UBATCH, DEFAULT_USE_MMAP
+from ondevice.store import sha256_file
+from ondevice.system import cpu_features, cpu_model, cpu_topology
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +36,7 @@ WORKLOADS = ("chat", "long-prompt", "short")
 # --- where tunings live ---------------------------------------------------------------------------
 def config_dir() -> Path:
     """$ONDEVICE_HOME/config if set (as the store's home), else the user config dir."""
-    env = os.environ.get("ONDEVICE_HOME")
-    if env:
-        return Path(env).expanduser() / "config"
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("ondevice", appauthor=False))
+    return paths.config_dir()
 
 
 def tunings_path() -> Path:
@@ -51,14 +53,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    paths.write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def model_sha256(path: Path) -> str:
     """The file's sha256, cached by (real path, size, mtime) in the config dir."""
-    from ondevice.store import sha256_file
 
     real = str(Path(path).resolve())
     st = os.stat(real)
@@ -80,11 +79,6 @@ def model_sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=1)
 def device_fingerprint() -> dict[str, Any]:
     """What makes measured settings transferable: CPU, cores, memory size, the llama.cpp build."""
-    import psutil
-
-    from ondevice import backends, engine
-    from ondevice.system import cpu_features, cpu_model, cpu_topology
-
     topo = cpu_topology()
     return {
         "cpu": cpu_model(),
@@ -93,8 +87,8 @@ def device_fingerprint() -> dict[str, Any]:
         "performance_cores": topo.n_performance,
         "logical": topo.logical,
         "ram_gib": round(psutil.virtual_memory().total / 2**30),
-        "llama_cpp_python": backends.build_info()["version"],
-        "amx_build": engine.amx_compiled(),
+        "llama_cpp_python": binding.version(),
+        "amx_build": binding.amx_compiled(),
     }
 
 
@@ -148,14 +142,16 @@ def lookup(path: Path, workload: str | None = None) -> dict[str, Any] | None:
 
 
 # --- what load() uses -------------------------------------------------------------------------------
+# What a load uses for what neither the caller nor a tuning set (repack: as ondevice.policy
+# allows; flash_attn auto: as ondevice.policy decides for the device).
 UNTUNED = {
     "flash_attn": "auto",
     "repack": True,
-    "use_mmap": True,
-    "n_batch": 2048,
-    "n_ubatch": 512,
+    "use_mmap": DEFAULT_USE_MMAP,
+    "n_batch": DEFAULT_N_BATCH,
+    "n_ubatch": DEFAULT_N_UBATCH,
     "threads": "auto",
-    "kv_type": "f16",
+    "kv_type": DEFAULT_KV_TYPE,
 }
 
 

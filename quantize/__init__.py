@@ -14,10 +14,33 @@ models through ondevice.load().
 from __future__ import annotations
 
 from .dequantize import dequantize_to_f16
-from .quality import QualityResult, ReferenceLogits, evaluate, read_text
 from .quantize import QuantizeResult, estimate_bytes, quantize
-from .report import LadderReport, LadderRow, plot_ladder, quality_ladder
 from .types import QuantType, get_type, quant_types, type_table
+
+# The quality functions are resolved on first use: the quantizer's worker process imports this
+# package, and must not import the runtime they need.
+_LAZY = {
+    "QualityResult": "quality",
+    "ReferenceLogits": "quality",
+    "evaluate": "quality",
+    "read_text": "quality",
+    "LadderReport": "report",
+    "LadderRow": "report",
+    "plot_ladder": "report",
+    "quality_ladder": "report",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ondevice.quantize' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "LadderReport",

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-import ondevice
-from ondevice.errors import OndeviceError, UsageError
+from ondevice.errors import UsageError
+from ondevice.loader import load
 from ondevice.logits import log_softmax
 from ondevice.runtime import Model
 
@@ -102,9 +102,7 @@ class ReferenceLogits:
         t0 = time.perf_counter()
         with ExitStack() as stack:
             ref = _open(stack, reference, ctx, threads)
-            stack.callback(_forget_cache, ref)
-            with ref.lock():
-                eng = ref.engine
+            with ref.raw() as eng:
                 self.tokens = _tokenize(eng, text)
                 self.ctx = ctx
                 self.n_vocab = eng.n_vocab
@@ -161,13 +159,11 @@ def evaluate(
         raise UsageError("the model and the reference are the same object")
     with ExitStack() as stack:
         m = _open(stack, model, ctx, threads)
-        stack.callback(_forget_cache, m)
         ref_model = None
         ref_cached = reference if isinstance(reference, ReferenceLogits) else None
         if reference is not None and ref_cached is None:
             ref_model = _open(stack, reference, ctx, threads)
-        with m.lock():
-            eng = m.engine
+        with m.raw() as eng:
             tokens = _tokenize(eng, text)
             n_chunk = _n_chunks(tokens, ctx, max_chunks)
             ref_windows: Iterator[np.ndarray] | None = None
@@ -233,7 +229,7 @@ def _open(stack: ExitStack, model: ModelLike, ctx: int, threads) -> Model:
         return model
     # n_batch 2048 / n_ubatch 512 are llama-perplexity's; repacking is the engine's business
     # (off on AMX builds, where it crashes).
-    return stack.enter_context(ondevice.load(model, n_ctx=ctx, threads=threads))
+    return stack.enter_context(load(model, n_ctx=ctx, threads=threads))
 
 
 def _tokenize(eng, text: str) -> list[int]:
@@ -271,19 +267,10 @@ def _scored_logits(eng, tokens: list[int], ctx: int, n_chunk: int | None) -> Ite
 def _reference_windows(
     stack: ExitStack, ref: Model, text: str, tokens: list[int], ctx: int, n_chunk: int
 ) -> Iterator[np.ndarray]:
-    stack.callback(_forget_cache, ref)  # runs after the lock below is released
-    stack.enter_context(ref.lock())
-    if _tokenize(ref.engine, text) != tokens:
+    eng = stack.enter_context(ref.raw())
+    if _tokenize(eng, text) != tokens:
         raise UsageError(
             "the reference model tokenizes the text differently",
             hint="compare models made from the same original",
         )
-    return _scored_logits(ref.engine, tokens, ctx, n_chunk)
-
-
-def _forget_cache(m: Model) -> None:
-    """We cleared the KV cache behind Model's back; make it forget its cached prefix."""
-    try:
-        m.reset()
-    except OndeviceError:
-        pass
+    return _scored_logits(eng, tokens, ctx, n_chunk)

@@ -1,6 +1,6 @@
 """Quantize a GGUF model with llama.cpp's own quantizer, safely, from any Python process.
 
-`quantize(src, dst, "Q4_K_M")` validates the input (ondevice.gguf_check), refuses to overwrite
+`quantize(src, dst, "Q4_K_M")` validates the input (ondevice.gguf_header), refuses to overwrite
 the input, checks free disk space against an estimate of the output size, then runs
 `llama_model_quantize` in a child process (ondevice.quantize._worker) that writes to a temp file
 beside `dst`. Only a complete file is renamed to `dst`; on an error, a crash of the child
@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -30,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ondevice
-from ondevice import models
+from ondevice import locate, paths
 from ondevice.errors import QuantizeError
-from ondevice.gguf_check import GGUFHeader, read_header
+from ondevice.gguf_header import GGUFHeader, read_header
 
 from .types import QuantType, get_type
 
@@ -98,7 +97,7 @@ def quantize(
     InvalidModelFile (src is not a valid GGUF), UsageError (unknown type).
     """
     qtype = get_type(type)
-    src_path = models.resolve(src)
+    src_path = locate.resolve(src)
     dst_path = Path(dst).expanduser().absolute()
     _check_paths(src_path, dst_path)
     header = read_header(src_path)
@@ -106,24 +105,19 @@ def quantize(
     imatrix_path = _check_imatrix(qtype, imatrix)
     _check_space(header, qtype, dst_path)
 
-    tmp = partial_path(dst_path)
-    job = {
-        "src": str(src_path),
-        "dst": str(tmp),
-        "ftype": qtype.ftype,
-        "threads": int(threads or 0),
-        "allow_requantize": allow_requantize,
-        "imatrix": str(imatrix_path) if imatrix_path else None,
-    }
     log.info("quantizing %s -> %s as %s", src_path, dst_path, qtype.name)
     t0 = time.perf_counter()
-    try:
+    with paths.atomic_write(dst_path, error=QuantizeError) as tmp:
+        job = {
+            "src": str(src_path),
+            "dst": str(tmp),
+            "ftype": qtype.ftype,
+            "threads": int(threads or 0),
+            "allow_requantize": allow_requantize,
+            "imatrix": str(imatrix_path) if imatrix_path else None,
+        }
         _run_child(job, qtype, on_progress, cancel)
         out = read_header(tmp)  # the engine said it's done; make sure the file says so too
-        os.replace(tmp, dst_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     seconds = time.perf_counter() - t0
     return QuantizeResult(
         path=dst_path,
@@ -155,14 +149,6 @@ def estimate_bytes(header: GGUFHeader, qtype: QuantType) -> int:
         else:
             total += int(t.n_elements * bpw / 8)
     return int(total * 1.1) + _EXTRA_BYTES
-
-
-def partial_path(dst: Path) -> Path:
-    """A fresh temp name beside `dst` (same file system, so the final rename is atomic).
-
-    Not created here: the writer creates it, with the usual permissions (mkstemp's are 0600).
-    """
-    return dst.with_name(f".{dst.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
 
 
 # --- checks before starting -------------------------------------------------------------------

@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import ondevice
-from ondevice import models
+from ondevice import loader, locate
 from ondevice.errors import MissingExtra, UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
+from ondevice.runtime import Model
 
 from .quality import QualityResult, ReferenceLogits, cache_bytes, evaluate
 from .quantize import quantize
@@ -106,16 +106,16 @@ def quality_ladder(
     qtypes = [get_type(t) for t in types]
     if not qtypes:
         raise UsageError("no types given", hint="e.g. --types Q8_0,Q4_K_M,Q2_K")
-    src_path = models.resolve(src)
+    src_path = locate.resolve(src)
     src_header = read_header(src_path)
     status = on_status or (lambda _msg: None)
-    n_threads = ondevice.runtime._threads(threads)
+    n_threads = loader.resolve_threads(threads)
 
     status(f"reference: evaluating {src_path.name}")
-    with ondevice.load(src_path, n_ctx=ctx, threads=n_threads) as ref_model:
+    with loader.load(src_path, n_ctx=ctx, threads=n_threads) as ref_model:
         n_tokens = len(ref_model.tokenize(text, parse_special=False))
-        need = cache_bytes(n_tokens, ref_model.engine.n_vocab, ctx, max_chunks)
-        reference: ReferenceLogits | ondevice.Model
+        need = cache_bytes(n_tokens, ref_model.n_vocab, ctx, max_chunks)
+        reference: ReferenceLogits | Model
         if need <= max_cache_bytes:
             reference = ReferenceLogits(ref_model, text, ctx=ctx, max_chunks=max_chunks)
             ref_q = reference.result
@@ -149,7 +149,7 @@ def quality_ladder(
                     threads=n_threads,
                 )
                 status(f"{qt.name}: measuring")
-                with ondevice.load(dst, n_ctx=ctx, threads=n_threads) as m:
+                with loader.load(dst, n_ctx=ctx, threads=n_threads) as m:
                     q = evaluate(m, text, ctx=ctx, reference=reference, max_chunks=max_chunks)
                 report.rows.append(_row(qt.name, dst, q, made.seconds, keep_dir is not None))
             if gen_tokens > 0:
@@ -169,7 +169,7 @@ def _generation_speeds(
     runs: list[list[float]] = [[] for _ in paths]
     for _ in range(max(1, rounds)):
         for i, path in enumerate(paths):
-            with ondevice.load(path, n_ctx=64 + gen_tokens, threads=threads) as m:
+            with loader.load(path, n_ctx=64 + gen_tokens, threads=threads) as m:
                 res = m.generate(GEN_PROMPT, max_tokens=gen_tokens, temperature=0)
                 runs[i].append(res.stats.generation_tps)
     return [statistics.median(r) for r in runs]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from ondevice._native.quantizer import file_types
 from ondevice.errors import UsageError
 
 # name -> (typical bits per weight, what it is). Derived from llama.cpp tools/quantize/quantize.cpp
@@ -87,18 +88,10 @@ class QuantType:
 @functools.cache
 def quant_types() -> dict[str, QuantType]:
     """Every file type the installed binding exposes, by name, largest first."""
-    import llama_cpp.llama_cpp as L
-
     found: dict[str, QuantType] = {}
-    for attr in dir(L):
-        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
-            name = attr[len("LLAMA_FTYPE_MOSTLY_") :]
-        elif attr == "LLAMA_FTYPE_ALL_F32":
-            name = "F32"
-        else:
-            continue
+    for name, ftype in file_types().items():
         bpw, desc = _KNOWN.get(name, (_ggml_bpw(name), ""))
-        found[name] = QuantType(name, int(getattr(L, attr)), bpw, desc)
+        found[name] = QuantType(name, ftype, bpw, desc)
     return dict(sorted(found.items(), key=lambda kv: (-(kv[1].bpw or 0.0), kv[1].ftype)))
 
 

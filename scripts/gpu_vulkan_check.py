@@ -64,12 +64,7 @@ def agreement(ref: np.ndarray, other: np.ndarray, k: int = 5) -> dict[str, float
 
 
 def all_logits(model, tokens: list[int]) -> np.ndarray:
-    with model.lock():
-        model.engine.kv_clear()
-        out = model.engine.decode_all_logits(tokens)
-        model.engine.kv_clear()
-    model.reset()
-    return out
+    return model.score(tokens)
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -134,7 +129,7 @@ def cmd_agree(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with ondevice.load(path, backend="vulkan", no_fallback=True, **kw) as vk_model:
         n_layer = int(vk_model.header.arch_value("block_count"))
-        offloaded = backends.offloaded_layers(vk_model.engine.load_log)
+        offloaded = vk_model.offloaded
         placement = vk_model.placement
         tokens = vk_model.tokenize(PROMPT)
         vk = all_logits(vk_model, tokens)

@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["ONDEVICE_HOME"] = tempfile.mkdtemp(prefix="ondevice-test-home-")
 
 import ondevice  # noqa: E402
-from ondevice.models import demo_model_path  # noqa: E402
+from ondevice.locate import demo_model_path  # noqa: E402
 
 # The suite's own subprocesses must run the same interpreter and package as pytest.
 PYTHON = sys.executable

@@ -5,7 +5,7 @@
     for case in header_cases(Layout.read(valid)):      # one corrupt file per class
         case.write(tmp_path / "bad.gguf", valid)
 
-Everything here is independent of `ondevice.gguf_check` (the code under test): a small trusting
+Everything here is independent of `ondevice.gguf_header` (the code under test): a small trusting
 parser (`Layout`) finds where every field of a *valid* file lies, and the corrupt files are that
 file with one field changed, so each corrupt file is paired with the valid file it came from.
 The classes follow llama.cpp's tests/test-gguf.cpp, plus the model-level ones (tokenizer and

@@ -135,7 +135,7 @@ def test_leaving_async_with_early_cancels_and_frees_the_model(demo_model):
     stream = asyncio.run(main())
     assert stream.done  # __aexit__ waited for the worker
     assert stream.result.finish_reason == "cancelled"
-    assert not demo_model.stats().generating
+    assert not demo_model.live_stats().generating
 
 
 def test_errors_are_raised_in_the_consuming_task(demo_model):

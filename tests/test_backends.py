@@ -22,7 +22,7 @@ import ondevice
 from ondevice import backends, fit
 from ondevice.backends import Device, Probe
 from ondevice.errors import BackendUnavailable, UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 GIB = 1024**3
 
@@ -257,15 +257,15 @@ def write_tiny_phi2(path: Path) -> Path:
 
 
 def test_phi2_on_the_cpu_loads_without_flash_attention(tmp_path):
-    from ondevice import engine
+    from ondevice._native import log as native_log
 
     path = write_tiny_phi2(tmp_path / "tiny-phi2.gguf")
     assert backends.head_dims(read_header(path)) == (80, 80)
     with ondevice.load(path, backend="cpu", n_ctx=128, threads=1) as m:
         # What llama.cpp itself logged while creating the context.
-        logged = [ln for ln in engine.recent_native_log(200) if "flash_attn" in ln]
+        logged = [ln for ln in native_log.recent(200) if "flash_attn" in ln]
         assert any("disabled" in ln for ln in logged), logged
-        assert m.engine.config.offload_kqv
+        assert m.config.offload_kqv
         out = m.generate("the capital of", max_tokens=3, temperature=0)
         assert out.stats.backend == "CPU" and out.stats.completion_tokens >= 1
     with pytest.raises(UsageError, match="cannot use a q8_0 KV cache"):

@@ -17,7 +17,7 @@ import pytest
 from ondevice import bench, fit
 from ondevice.cli import bench as cli_bench
 from ondevice.errors import DoesNotFit, UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 JSON_KEYS = (
     "model",

@@ -130,7 +130,7 @@ def test_stats_never_waits_for_the_model_lock(demo_model):
     holder.start()
     held.wait(WAIT_S)
     out = []
-    reader = threading.Thread(target=lambda: out.append(demo_model.stats()))
+    reader = threading.Thread(target=lambda: out.append(demo_model.live_stats()))
     reader.start()
     reader.join(30)  # would hang until release if stats() took the lock
     still_held = not release.is_set()
@@ -140,17 +140,17 @@ def test_stats_never_waits_for_the_model_lock(demo_model):
     live = out[0]
     assert live.generating
     assert live.rss_bytes > live.model_bytes // 2 and live.kv_bytes == demo_model.kv_bytes
-    assert not demo_model.stats().generating
+    assert not demo_model.live_stats().generating
 
     demo_model.reset()
     r = demo_model.generate("The capital of France is", max_tokens=4, temperature=0)
-    after = demo_model.stats()
-    assert after.last is r.stats and after.kv_tokens == demo_model.engine.kv_used()
+    after = demo_model.live_stats()
+    assert after.last is r.stats and after.kv_tokens == demo_model.kv_used()
     assert "tok/s" in after.summary() and "MiB" in after.summary()
     n = 200
     t0 = time.perf_counter()
     for _ in range(n):
-        demo_model.stats()
+        demo_model.live_stats()
     print(f"\nModel.stats(): {(time.perf_counter() - t0) / n * 1e6:.0f} µs per call")
 
 

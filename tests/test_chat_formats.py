@@ -24,8 +24,9 @@ from llama_cpp.llama_chat_format import (
 
 import ondevice
 from ondevice import chat_formats as cf
+from ondevice.conversation import tokenize_prompt
 from ondevice.errors import ChatFormatError, UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 SYSTEM = "You are terse."
 TALK = [
@@ -363,13 +364,13 @@ def bos_model(demo_path, tmp_path_factory):
 
 
 def test_bos_added_once(bos_model):
-    bos = bos_model.engine.bos
-    assert bos_model.engine.add_bos
+    bos = bos_model.bos
+    assert bos_model.add_bos
     with_bos = cf.ChatFormat("gguf", "{{ bos_token }}{{ messages[0]['content'] }}", source="gguf")
     with_bos = replace(with_bos, bos_token=cf.resolve(bos_model.metadata).bos_token)
     without = cf.ChatFormat("gguf", "{{ messages[0]['content'] }}", source="gguf")
     for fmt in (with_bos, without):
-        tokens = cf.tokenize_prompt(bos_model, fmt.render(ONE))
+        tokens = tokenize_prompt(bos_model, fmt.render(ONE))
         assert tokens[0] == bos
         assert tokens.count(bos) == 1
         # the rest is the text's own tokens, special tokens parsed
@@ -378,11 +379,11 @@ def test_bos_added_once(bos_model):
 
 def test_special_tokens_are_parsed(demo_model):
     text = cf.for_model(demo_model).render(ONE)
-    tokens = cf.tokenize_prompt(demo_model, text)
+    tokens = tokenize_prompt(demo_model, text)
     im_start = demo_model.tokenize("<|im_start|>", add_special=False)
     assert len(im_start) == 1
     assert tokens[0] == im_start[0]
-    assert not demo_model.engine.add_bos  # SmolLM adds no BOS: none was prepended
+    assert not demo_model.add_bos  # SmolLM adds no BOS: none was prepended
     assert tokens.count(im_start[0]) == text.count("<|im_start|>")
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ondevice.cli import main
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 PROMPT = "The capital of France is"
 

@@ -22,13 +22,11 @@ QUESTIONS = [
 
 
 def kv_used(model) -> int:
-    with model.lock():
-        return model.engine.kv_used()
+    return model.kv_used()
 
 
 def spell(model, tokens) -> str:
-    with model.lock():
-        return model.engine.detokenize(tokens, special=True)
+    return model.detokenize(tokens, special=True)
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def llama(path: Path, n_ctx: int = 256):
     """llama.cpp on the file, with logits for every position.
 
     Weight repacking is off: on AMX-capable VMs this build's AMX kernels die with SIGILL (see
-    ondevice.engine.amx_compiled), and repacking changes kernels, not what is computed.
+    ondevice._native.binding.amx_compiled), and repacking changes kernels, not what is computed.
     """
     import llama_cpp.llama_cpp as lib
 
@@ -334,17 +334,18 @@ def test_q8_0_is_bit_exact_with_gguf_quants(tiny, converted):
 
 def test_numpy_fallback_quantizer_gives_the_same_file(tiny, tmp_path, monkeypatch):
     """Without llama.cpp's ggml library, gguf-py's quantizer writes the same bytes."""
+    from ondevice._native import ggml_quants
     from ondevice.convert import quants
 
     engine = convert(tiny["base"].path, tmp_path / "engine.gguf", outtype="q8_0")
     monkeypatch.setenv("ONDEVICE_CONVERT_QUANTIZER", "numpy")
-    quants._ggml.cache_clear()
+    ggml_quants.forget()
     try:
         assert not quants.engine_available()
         fallback = convert(tiny["base"].path, tmp_path / "numpy.gguf", outtype="q8_0")
     finally:
         monkeypatch.delenv("ONDEVICE_CONVERT_QUANTIZER")
-        quants._ggml.cache_clear()
+        ggml_quants.forget()
     assert engine.read_bytes() == fallback.read_bytes()
 
 

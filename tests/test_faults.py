@@ -36,7 +36,7 @@ import psutil
 import pytest
 from gguf_corpus import TinySpec, build_tiny_llama
 
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 PYTHON = sys.executable
 # Phi-2's shape in miniature (as test_pull.py): a 13 MiB checkpoint, f16 GGUF ~7 MB.

@@ -40,7 +40,7 @@ from ondevice.errors import (
     DoesNotFit,
     InvalidModelFile,
 )
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 PYTHON = sys.executable
 CASE_CPU_S = 5.0  # per command: the issue's "each case within 5 s"
@@ -405,14 +405,14 @@ def test_context_that_cannot_fit_is_refused_before_allocation(demo_path):
 
 def test_invalid_file_never_reaches_llama_cpp(tiny, tmp_path, monkeypatch):
     """load() validates first: with the header refused, the engine is never constructed."""
-    from ondevice import engine
+    from ondevice import loader
 
     bad = tmp_path / "bad.gguf"
     data = bytearray(tiny.read_bytes())
     struct.pack_into("<Q", data, 16, 2**64 - 1)  # the key/value count
     bad.write_bytes(bytes(data))
     calls = []
-    monkeypatch.setattr(engine, "Engine", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(loader, "Engine", lambda *a, **k: calls.append(a))
     with pytest.raises(InvalidModelFile):
         ondevice.load(bad, n_ctx=64, threads=1)
     assert calls == []

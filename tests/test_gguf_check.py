@@ -1,4 +1,4 @@
-"""GGUF pre-validation (ondevice.gguf_check) against a corpus of corrupt files.
+"""GGUF pre-validation (ondevice.gguf_header) against a corpus of corrupt files.
 
 Every corrupt file is a valid file with one thing changed (tests/gguf_corpus.py): the tiny llama
 model built with gguf-py's GGUFWriter, and the real demo model. Each class of llama.cpp's
@@ -24,10 +24,10 @@ from click.testing import CliRunner
 from gguf_corpus import KV, Layout, TinySpec, build_tiny_llama, header_cases, model_cases
 
 import ondevice
-from ondevice import gguf_check
+from ondevice import gguf_header
 from ondevice.cli import main as cli_main
 from ondevice.errors import InvalidModelFile
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 PYTHON = sys.executable
 MODEL_CASES = {c.name: c for c in model_cases()}
@@ -74,7 +74,7 @@ def test_tiny_model_is_valid_and_loads(tiny):
     with ondevice.load(tiny, n_ctx=64, threads=1) as m:
         r = m.generate("The capital of France is", max_tokens=4, temperature=0)
         assert r.stats.completion_tokens >= 1
-        assert m.engine.n_vocab == 335
+        assert m.n_vocab == 335
 
 
 def test_demo_model_is_valid(demo_path):
@@ -229,7 +229,7 @@ def test_largest_accepted_header_stays_bounded(tiny, tmp_path):
     path = _with_array(tiny, tmp_path / "big.gguf", 8, n, payload, key="tokenizer.ggml.extra")
     code = (
         "import sys, time, psutil\n"
-        "from ondevice.gguf_check import read_header\n"
+        "from ondevice.gguf_header import read_header\n"
         "rss0 = psutil.Process().memory_info().rss\n"
         "t = time.perf_counter(); h = read_header(sys.argv[1]); dt = time.perf_counter() - t\n"
         # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
@@ -275,7 +275,7 @@ def test_broken_model_refused_by_llama_cpp_cleanly(name, tmp_path, cli_env):
 
 RAW_PROBE = """
 import sys
-from ondevice.engine import Engine, EngineConfig
+from ondevice._native.engine import Engine, EngineConfig
 from ondevice.errors import OndeviceError
 try:
     eng = Engine(sys.argv[1], EngineConfig(n_ctx=64, threads=1, threads_batch=1))

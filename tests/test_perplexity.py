@@ -43,9 +43,8 @@ def text() -> str:
 @pytest.fixture(scope="module")
 def short_text(demo_model, text) -> str:
     """The start of the test text: CHUNKS windows of CTX tokens and a bit (keeps tests fast)."""
-    with demo_model.lock():
-        toks = demo_model.engine.tokenize(text, add_special=True, parse_special=False)
-        return demo_model.engine.detokenize(toks[: CHUNKS * CTX + 10])
+    toks = demo_model.tokenize(text, add_special=True, parse_special=False)
+    return demo_model.detokenize(toks[: CHUNKS * CTX + 10])
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +66,8 @@ def test_read_text_drops_one_trailing_newline(tmp_path):
 def test_perplexity_by_hand_on_one_window(demo_model, text):
     """The scored positions and the NLL of one window, recomputed here from the raw logits."""
     res = evaluate(demo_model, text, ctx=CTX, max_chunks=1)
-    with demo_model.lock():
-        eng = demo_model.engine
-        toks = eng.tokenize(text, add_special=True, parse_special=False)[:CTX]
-        eng.kv_clear()
-        logits = eng.decode_all_logits(toks).astype(np.float64)
-        eng.kv_clear()
-    demo_model.reset()
+    toks = demo_model.tokenize(text, add_special=True, parse_special=False)[:CTX]
+    logits = demo_model.score(toks).astype(np.float64)
     nll = 0.0
     for j in range(CTX // 2, CTX - 1):  # positions ctx/2 .. ctx-2 predict the next token
         row = logits[j]

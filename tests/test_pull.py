@@ -21,7 +21,7 @@ import pytest
 from fake_hub import FakeHub
 from phi2_fixtures import make_tiny_phi2
 
-from ondevice import models, store
+from ondevice import locate, store
 from ondevice.errors import DownloadError, UsageError
 from ondevice.pull import RemoteFile, check_remote_names, make_plan, pull
 
@@ -129,7 +129,7 @@ def test_pull_converts_quantizes_stores_and_second_pull_is_silent(tiny_phi2, hub
     assert m["converter"]["name"] == "ondevice.convert" and m["converter"]["version"]
     assert m["quantizer"]["llama_cpp_python"] and m["file_type"] == "Q4_K_M"
     assert m["created"].endswith("Z")
-    assert models.resolve("phi-2") == models.resolve(f"{REPO}:Q4_K_M") == entry.path
+    assert locate.resolve("phi-2") == locate.resolve(f"{REPO}:Q4_K_M") == entry.path
     assert store.most_recent() == entry
 
     hub.reset_requests()

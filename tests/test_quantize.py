@@ -33,7 +33,7 @@ from ondevice.quantize.report import quality_ladder
 
 import ondevice
 from ondevice.errors import InvalidModelFile, QuantizeError, UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 PYTHON = sys.executable  # the same interpreter and package as pytest
 
@@ -322,9 +322,8 @@ def test_ladder_comes_out_in_order(demo_f16_path, demo_model, tmp_path):
     per-tensor weight errors. So Q5_K_M is only required to sit between Q6_K and Q3_K_M.
     """
     text = read_text(TEXT_FILE)
-    with demo_model.lock():
-        toks = demo_model.engine.tokenize(text, add_special=True, parse_special=False)
-        text = demo_model.engine.detokenize(toks[: 10 * 64 + 8])
+    toks = demo_model.tokenize(text, add_special=True, parse_special=False)
+    text = demo_model.detokenize(toks[: 10 * 64 + 8])
     rep = quality_ladder(
         demo_f16_path,
         text,

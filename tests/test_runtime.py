@@ -9,7 +9,7 @@ import pytest
 
 import ondevice
 from ondevice.errors import ContextOverflow, ModelClosed, ModelNotFound, UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 PROMPT = "The capital of France is"
 
@@ -44,7 +44,9 @@ def test_stats_are_plausible(demo_path, demo_model):
     assert 0 < s.ttft_s < s.total_s
     assert s.load_s > 0
     assert s.peak_rss_bytes >= s.rss_bytes > s.model_bytes
-    assert s.model_bytes == header.tensor_bytes == demo_model.engine.model_bytes
+    with demo_model.raw() as eng:  # llama.cpp's own count
+        llama_size = eng.model_bytes
+    assert s.model_bytes == header.tensor_bytes == llama_size
     assert s.kv_bytes > 0 and s.n_ctx == 2048
     assert s.backend == "CPU" and s.threads == 2
     assert s.finish_reason == "length"

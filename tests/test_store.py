@@ -1,4 +1,4 @@
-"""The local model store: names, manifests, lookup through models.resolve, rm, and the CLI's
+"""The local model store: names, manifests, lookup through locate.resolve, rm, and the CLI's
 `list` / `rm` in a real subprocess. The network side (`pull`) is in test_pull.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ondevice import models, store
+from ondevice import locate, store
 from ondevice.errors import ModelNotFound, UsageError
 
 PYTHON = sys.executable  # the suite's subprocesses run the same interpreter as pytest
@@ -95,10 +95,10 @@ def test_install_writes_file_and_manifest_and_lookup_finds_it(home):
     assert store.lookup("microsoft/phi-2") == entry.path  # by source repo
     assert store.lookup("phi-2:Q4_K_M") is None
     assert store.lookup("other") is None
-    # models.resolve (every MODEL argument) goes through the store for such names
-    assert models.resolve("phi-2:Q8_0") == entry.path
+    # locate.resolve (every MODEL argument) goes through the store for such names
+    assert locate.resolve("phi-2:Q8_0") == entry.path
     with pytest.raises(ModelNotFound):
-        models.resolve("phi-2:Q4_K_M")
+        locate.resolve("phi-2:Q4_K_M")
     # nothing left in the work area
     assert list((home / "tmp").iterdir()) == []
 
@@ -186,7 +186,7 @@ def test_damaged_entries(home):
         store.lookup("phi-2:F16")
     good.path.write_bytes(b"abc")
     with pytest.raises(ModelNotFound, match="3 bytes"):
-        models.resolve("phi-2:Q8_0")
+        locate.resolve("phi-2:Q8_0")
     # a broken or hostile manifest is skipped, the others still list
     (home / "models" / "phi-2" / "junk.json").write_text("{not json")
     evil = dict(json.loads(good.manifest_path.read_text()), file="../../outside.gguf")

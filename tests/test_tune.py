@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from conftest import PYTHON
 
 import ondevice
-from ondevice import engine, fit, tune, tune_store
+from ondevice import fit, tune, tune_store
+from ondevice._native import binding
 from ondevice.cli import main
 from ondevice.errors import UsageError
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
 
 CTX = 64
 
@@ -94,7 +95,7 @@ def test_stored_result_shape(tuned, home, demo_path):
         f = tuned.faithfulness
         assert f is not None and f.passed and f.kl_mean <= tune.KL_MAX
     # Repacking can't be a candidate on AMX builds: listed as unavailable, never loaded.
-    if engine.amx_compiled():
+    if binding.amx_compiled():
         assert "AMX" in tuned.unavailable["repack"]
         assert not any(p.settings.repack for p in tuned.probes)
     # The file's hash is cached by path, size and mtime.
@@ -109,7 +110,7 @@ def test_load_applies_the_tuning(tuned, home, demo_path):
         for key in ("threads", "n_ubatch", "n_batch", "use_mmap", "kv_type"):
             assert m.settings[key] == want[key], key
             assert m.settings_source[key] == "tuned", key
-        cfg = m.engine.config
+        cfg = m.config
         assert (cfg.threads, cfg.n_ubatch, cfg.use_mmap) == (
             want["threads"],
             want["n_ubatch"],

@@ -112,7 +112,7 @@ def test_backend_vulkan_offloads_every_layer_and_the_stats_say_so(vulkan_model):
     n_layer = int(vulkan_model.header.arch_value("block_count"))
     placement = vulkan_model.placement
     assert placement.backend == "vulkan" and placement.n_gpu_layers == -1  # auto: it all fits
-    offloaded = backends.offloaded_layers(vulkan_model.engine.load_log)
+    offloaded = vulkan_model.offloaded
     assert offloaded == (n_layer + 1, n_layer + 1)  # the layers and the output layer
     result = vulkan_model.generate("The capital of France is", max_tokens=3, temperature=0)
     assert "llvmpipe" in result.stats.backend
@@ -123,17 +123,12 @@ def test_backend_vulkan_offloads_every_layer_and_the_stats_say_so(vulkan_model):
 def test_partial_offload_is_reported(demo_path):
     with ondevice.load(demo_path, backend="vulkan", gpu_layers=10, n_ctx=64, threads=2) as m:
         n_layer = int(m.header.arch_value("block_count"))
-        assert m.backend.endswith(f"10/{n_layer + 1} layers offloaded")
+        assert m.device.endswith(f"10/{n_layer + 1} layers offloaded")
 
 
 # --- numerics: CPU vs Vulkan ---------------------------------------------------------------------
 def all_logits(model: ondevice.Model, tokens: list[int]) -> np.ndarray:
-    with model.lock():
-        model.engine.kv_clear()
-        out = model.engine.decode_all_logits(tokens)
-        model.engine.kv_clear()
-    model.reset()
-    return out
+    return model.score(tokens)
 
 
 def test_cpu_and_vulkan_agree_within_tolerance(cpu_model, vulkan_model, demo_path):

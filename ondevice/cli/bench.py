@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import click
 
 from ondevice import bench as bench_lib
+from ondevice import paths
 from ondevice.bench import BenchRecord
 from ondevice.errors import UsageError
 
@@ -215,10 +215,9 @@ def plot(records: list[BenchRecord], path: str | os.PathLike[str]) -> None:
             ax.set_title(f"{rated[0].model_desc or rated[0].model} on {rated[0].device}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(f"{path}.tmp.png")
-    fig.savefig(tmp)
+    with paths.atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 _PROFILE_HELP = "; ".join(

@@ -14,8 +14,8 @@ import click
 import psutil
 
 from ondevice import fit as fitlib
-from ondevice import models
-from ondevice.gguf_check import read_header
+from ondevice import locate, policy, system
+from ondevice.gguf_header import read_header
 
 
 def _mib(n: int) -> str:
@@ -75,15 +75,13 @@ def fit(
       ondevice fit phi-2 --ram 4GB --ctx 2048
       ondevice fit model.gguf --ram 3GiB --kv q8_0 --json
     """
-    path = models.resolve(model)
+    path = locate.resolve(model)
     header = read_header(path)
     ram_bytes = (
         fitlib.parse_bytes(ram) if ram is not None else int(psutil.virtual_memory().available)
     )
-    trained = int(header.arch_value("context_length", 0) or 0)
-    n_ctx = ctx or (min(4096, trained) if trained else 4096)
-    if repack is None:
-        repack = fitlib.repack_default()
+    n_ctx = ctx or policy.default_ctx(int(header.arch_value("context_length", 0) or 0))
+    repack_default, family = policy.repack_here(system.cpu_features())
     report = fitlib.fit_report(
         header,
         ram_bytes,
@@ -92,7 +90,8 @@ def fit(
         model=str(path),
         n_ubatch=ubatch,
         use_mmap=not no_mmap,
-        repack=repack,
+        repack=repack_default if repack is None else repack,
+        repack_family=family,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

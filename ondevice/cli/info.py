@@ -6,18 +6,21 @@ import json
 
 import click
 
-from ondevice import fit, models
+from ondevice import fit, locate, policy, system
 from ondevice.cli.options import mib
-from ondevice.gguf_check import read_header
+from ondevice.gguf_header import read_header
+from ondevice.settings import check_load
 
 
 def model_info(model: str, n_ctx: int | None = None, kv_type: str = "f16") -> dict:
     """The facts `ondevice info` prints, as a dict (library function)."""
-    path = models.resolve(model)
+    path = locate.resolve(model)
     h = read_header(path)
     trained = int(h.arch_value("context_length", 0) or 0)
-    ctx = n_ctx or (min(4096, trained) if trained else 4096)
-    pred = fit.predict(h, ctx, kv_type)
+    ctx = n_ctx or policy.default_ctx(trained)
+    check_load("kv_type", kv_type)
+    repack, family = policy.repack_here(system.cpu_features())
+    pred = fit.predict(h, ctx, kv_type, repack=repack, repack_family=family)
     return {
         "path": str(path),
         "name": h.metadata.get("general.name"),

@@ -1,4 +1,6 @@
-"""Click options shared by the commands that load a model, so every command spells them alike."""
+"""Click options shared by the commands that load a model or sample, built from the settings
+table (ondevice.settings), so every command spells them alike and the help shows the real
+defaults."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+
+from ondevice.errors import UsageError
+from ondevice.settings import LOAD, MAX_TOKENS, SAMPLING, Setting
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
 LOAD_OPTIONS = (
@@ -22,58 +27,65 @@ LOAD_OPTIONS = (
 )
 
 
+def _checked(setting: Setting) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that validates with the table (a bad value exits 2 with one line)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return setting.validate(value)
+        except UsageError as exc:
+            raise click.BadParameter(exc.message) from None
+
+    return check
+
+
+def _help(setting: Setting, show_default: bool = True) -> str:
+    if not show_default or "[default" in setting.help:
+        return setting.help
+    return f"{setting.help.rstrip('.')} [default: {setting.default_text}]."
+
+
+def _option(setting: Setting, *, name: str | None = None, default: Any = None, **kw: Any):
+    click_type = kw.pop("type", {int: int, float: float}.get(setting.type, str))
+    return click.option(
+        *setting.flags,
+        name or setting.name,
+        type=click_type,
+        default=default,
+        callback=_checked(setting),
+        help=kw.pop("help", _help(setting)),
+        **kw,
+    )
+
+
 def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type,
     --no-fallback, --force, --no-tune."""
     opts = [
-        click.option(
-            "--ctx",
-            "ctx",
-            type=click.IntRange(min=8),
-            default=None,
-            help="Context length in tokens [default: 4096 or the model's, if smaller].",
-        ),
-        click.option(
-            "-t",
-            "--threads",
-            default="auto",
-            show_default=True,
-            help="Threads: a number, or auto (the performance cores).",
-        ),
-        click.option(
-            "--backend",
-            default="auto",
-            show_default=True,
-            help="auto, cpu, metal, vulkan or vulkan:N.",
-        ),
-        click.option(
-            "--gpu-layers",
-            default="auto",
-            show_default=True,
-            help="Layers to offload to the GPU backend (auto = all that fit its free memory).",
+        _option(LOAD["n_ctx"], name="ctx", help=LOAD["n_ctx"].help),
+        _option(LOAD["threads"], default="auto", show_default=True, help=LOAD["threads"].help),
+        _option(LOAD["backend"], default="auto", show_default=True, help=LOAD["backend"].help),
+        _option(
+            LOAD["gpu_layers"], default="auto", show_default=True, help=LOAD["gpu_layers"].help
         ),
         click.option(
             "--no-fallback",
             is_flag=True,
             help="Fail instead of running on the CPU when the GPU backend can't load the model.",
         ),
-        click.option(
-            "--flash-attn",
-            type=click.Choice(["auto", "on", "off"]),
+        _option(
+            LOAD["flash_attn"],
+            type=click.Choice(LOAD["flash_attn"].choices),
             default="auto",
             show_default=True,
-            help="Flash attention. auto: llama.cpp's choice on a GPU; off on the CPU (faster deep "
-            "in a context) unless the KV cache is quantized.",
+            help=LOAD["flash_attn"].help,
         ),
         click.option(
             "--no-mmap", is_flag=True, help="Read the file into memory instead of mapping it."
         ),
-        click.option(
-            "--kv-type",
-            default=None,
-            help="KV cache type: f16, bf16, f32, q8_0, q4_0 (where the model allows it) "
-            "[default: f16, or the tuned one].",
-        ),
+        _option(LOAD["kv_type"], help=LOAD["kv_type"].help),
         click.option(
             "--force",
             is_flag=True,
@@ -92,35 +104,11 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--temperature, --top-k, --top-p, --min-p, --repeat-penalty, --seed, --max-tokens, --stop."""
-    opts = [
-        click.option(
-            "--temperature",
-            "--temp",
-            "temperature",
-            type=float,
-            default=None,
-            help="Sampling temperature; 0 = greedy [default: 0.8].",
-        ),
-        click.option("--top-k", type=int, default=None, help="Top-k [default: 40; 0 = off]."),
-        click.option("--top-p", type=float, default=None, help="Top-p [default: 0.95]."),
-        click.option("--min-p", type=float, default=None, help="Min-p [default: 0.05]."),
-        click.option(
-            "--repeat-penalty",
-            type=float,
-            default=None,
-            help="Repeat penalty [default: 1.0 = off].",
-        ),
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
-        click.option(
-            "-n",
-            "--max-tokens",
-            type=int,
-            default=256,
-            show_default=True,
-            help="Most tokens to generate (-1: until the context is full).",
-        ),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-    ]
+    opts = [_option(SAMPLING[name]) for name in SAMPLING_OPTIONS]
+    opts.append(
+        _option(MAX_TOKENS, default=MAX_TOKENS.default, show_default=True, help=MAX_TOKENS.help)
+    )
+    opts.append(click.option("--stop", multiple=True, help="Stop string (repeatable)."))
     for opt in reversed(opts):
         f = opt(f)
     return f
@@ -128,12 +116,11 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """ondevice.load() keywords from the parsed load options."""
-    gpu = params.get("gpu_layers", "auto")
     return {
         "n_ctx": params.get("ctx"),
         "threads": params.get("threads", "auto"),
         "backend": params.get("backend", "auto"),
-        "gpu_layers": gpu,  # "auto" or a number; ondevice.backends checks it
+        "gpu_layers": params.get("gpu_layers", "auto"),  # ondevice.backends checks it
         "flash_attn": params.get("flash_attn", "auto"),
         # None leaves the choice to a stored tuning (ondevice tune), else the default.
         "use_mmap": False if params.get("no_mmap") else None,

@@ -15,7 +15,7 @@ def system(as_json: bool) -> None:
     """Show the CPU (model, features, performance/efficiency cores), RAM, and the installed
     llama.cpp: version, compiled backends and the devices it can run on."""
     from ondevice import tune_store as tune
-    from ondevice.system import system_info
+    from ondevice.backends import system_info
 
     info = system_info()
     mine, everyone = tune.stored(), tune.stored(this_device=False)
