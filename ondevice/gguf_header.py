@@ -454,6 +454,33 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         cur.field = "tensor_count"
         cur.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file", offset=8)
 
+    metadata, value_types, raw_types = _read_key_values(cur, n_kv)
+    _check_metadata(cur, metadata, raw_types)
+    _check_hparams(cur, metadata, raw_types)
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+
+    tensors, offset_at = _read_tensor_infos(cur, n_tensors, alignment)
+    cur.field = "tensor data"
+    if n_tensors == 0:
+        cur.fail("the file holds no tensors (a vocabulary-only file is not a model)")
+    data_offset = -(-cur.pos // alignment) * alignment
+    _check_layout(cur, tensors, offset_at, alignment, data_offset)
+    return GGUFHeader(
+        path=path,
+        version=version,
+        metadata=metadata,
+        value_types=value_types,
+        tensors=tensors,
+        alignment=alignment,
+        data_offset=data_offset,
+        file_size=size,
+    )
+
+
+def _read_key_values(
+    cur: _Cursor, n_kv: int
+) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
+    """The key/value pairs: values, their type names, and the raw GGUF type ids."""
     metadata: dict[str, Any] = {}
     value_types: dict[str, str] = {}
     raw_types: dict[str, int] = {}
@@ -475,10 +502,13 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         if elem is not None:
             raw_types[key + "[]"] = elem
 
-    _check_metadata(cur, metadata, raw_types)
-    _check_hparams(cur, metadata, raw_types)
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    return metadata, value_types, raw_types
 
+
+def _read_tensor_infos(
+    cur: _Cursor, n_tensors: int, alignment: int
+) -> tuple[list[TensorInfo], list[int]]:
+    """The tensor infos, and where each one's data offset field lies (for error messages)."""
     tensors: list[TensorInfo] = []
     offset_at: list[int] = []  # where each tensor's data offset field lies
     names: set[str] = set()
@@ -519,21 +549,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         tensors.append(TensorInfo(name, dims, type_id, offset, n_el, n_el // block * type_size))
         offset_at.append(cur.pos - 8)
 
-    cur.field = "tensor data"
-    if n_tensors == 0:
-        cur.fail("the file holds no tensors (a vocabulary-only file is not a model)")
-    data_offset = -(-cur.pos // alignment) * alignment
-    _check_layout(cur, tensors, offset_at, alignment, data_offset)
-    return GGUFHeader(
-        path=path,
-        version=version,
-        metadata=metadata,
-        value_types=value_types,
-        tensors=tensors,
-        alignment=alignment,
-        data_offset=data_offset,
-        file_size=size,
-    )
+    return tensors, offset_at
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str) -> tuple[Any, int | None]:

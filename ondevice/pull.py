@@ -46,6 +46,7 @@ from ondevice.errors import (
     QuantizeError,
     UsageError,
 )
+from ondevice.gguf_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def _names_quant(path: str, quant: str) -> bool:
 def _convert_patterns() -> list[str]:
     """The files a conversion reads; the converter's own list when it has one."""
     try:
-        from ondevice.convert.hub import ALLOW_PATTERNS
+        from ondevice.convert.hub import ALLOW_PATTERNS  # the converter: only for checkpoints
 
         return list(ALLOW_PATTERNS)
     except ImportError:
@@ -300,7 +301,7 @@ def _quantizer(quant: str) -> Callable[..., Any] | None:
     if quant in CONVERT_OUTTYPES:
         return None
     try:
-        from ondevice.quantize import get_type, quantize
+        from ondevice.quantize import get_type, quantize  # only when a quant must be made
     except ImportError:
         raise MissingExtra(
             f"making {quant} needs ondevice's quantizer (ondevice.quantize), which isn't installed",
@@ -320,7 +321,7 @@ def _canonical(quant: str) -> str:
     name), and unknown types refused before any network traffic (UsageError)."""
     q = store.canonical_quant(quant)
     try:
-        from ondevice.quantize import get_type
+        from ondevice.quantize import get_type  # the quantizer's types: only for a quant
     except ImportError:
         return q
     return get_type(q).name
@@ -340,7 +341,7 @@ def _build(
     step: Step,
 ) -> dict[str, Any]:
     """Convert (and quantize) the checkpoint in `folder` to `out`; returns manifest fields."""
-    from ondevice.convert.base import convert_folder
+    from ondevice.convert.base import convert_folder  # gguf-py etc.: only to convert
 
     outtype = CONVERT_OUTTYPES.get(quant, INTERMEDIATE_OUTTYPE)
     converter = {
@@ -398,7 +399,6 @@ class _TensorBar:
 
 def _check_gguf(path: Path, quant: str) -> str | None:
     """Validate the header (nothing malformed enters the store); return the file type name."""
-    from ondevice.gguf_header import read_header
 
     header = read_header(path)
     ftype = header.metadata.get("general.file_type")

@@ -315,6 +315,20 @@ def measure(
                         eng.kv_keep(d)
                         check()
         probe.peak_rss_bytes = max(probe.peak_rss_bytes, stats.peak_rss_bytes())
+    cost = _workload_cost(segments, whole, pp_pts, tg_pts)
+    probe.costs.append(cost)
+    probe.wall_s += time.perf_counter() - t_wall
+    return probe
+
+
+def _workload_cost(
+    segments: Sequence[Segment],
+    whole: dict[Segment, float],
+    pp_pts: dict[Segment, list[tuple[int, float]]],
+    tg_pts: list[tuple[int, float]],
+) -> float:
+    """The workload's estimated seconds: measured whole prompts as they are, the rest tokens
+    times seconds per token averaged over the segment's depths."""
     cost = 0.0
     for s in segments:
         if s in whole:
@@ -324,9 +338,7 @@ def measure(
         else:
             pts = [p for p in tg_pts if s.depth0 <= p[0] <= s.depth1] or tg_pts
             cost += s.tokens * _mean_over(pts, s.depth0, s.depth1)
-    probe.costs.append(cost)
-    probe.wall_s += time.perf_counter() - t_wall
-    return probe
+    return cost
 
 
 class TooSlow(Exception):
@@ -504,167 +516,213 @@ def tune(
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Measure settings for `model` under `workload` on this device and store the winner."""
-    say = progress or (lambda msg: log.info("%s", msg))
     t_start = time.perf_counter()
     path = locate.resolve(model)
     header = read_header(path)
-    segments = workload_segments(workload, 8)  # validates the name early
-    trained = int(header.arch_value("context_length", 0) or 0)
-    ctx = n_ctx or policy.default_ctx(trained)
+    workload_segments(workload, 8)  # validates the name early
+    ctx = n_ctx or policy.default_ctx(int(header.arch_value("context_length", 0) or 0))
     if ctx < 64:
         raise UsageError(f"tuning needs a context of at least 64 tokens, got {ctx}")
-    segments = workload_segments(workload, ctx)
-    sha = model_sha256(path)
-    dev = device_fingerprint()
-    probes: list[Probe] = []
-    unavailable: dict[str, str] = {}
-    skipped: list[str] = []
-    faith_cache: dict[tuple[str, bool, str], Faithfulness] = {}
+    search = _Search(path, header, workload, ctx, ram_budget, time_budget, progress, t_start)
+    search.start()
+    for knob in knobs:
+        search.step(knob)
+    return search.result(knobs, save)
 
-    def elapsed() -> float:
-        return time.perf_counter() - t_start
 
-    def predicted(s: Settings) -> int:
+class _Search:
+    """Coordinate descent over the knobs from the defaults (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        header: Any,
+        workload: str,
+        ctx: int,
+        ram_budget: int | None,
+        time_budget: float,
+        progress: Callable[[str], None] | None,
+        t_start: float,
+    ) -> None:
+        self.path, self.header, self.workload, self.ctx = path, header, workload, ctx
+        self.segments = workload_segments(workload, ctx)
+        self.ram_budget, self.time_budget, self.t_start = ram_budget, time_budget, t_start
+        self.say = progress or (lambda msg: log.info("%s", msg))
+        self.sha = model_sha256(path)
+        self.device = device_fingerprint()
+        self.family = policy.repack_family(system.cpu_features())
+        self.probes: list[Probe] = []
+        self.unavailable: dict[str, str] = {}
+        self.skipped: list[str] = []
+        self.faith_cache: dict[tuple[str, bool, str], Faithfulness] = {}
+        self.reference = default_settings()
+        self.by_settings: dict[Settings, Probe] = {}
+        self.best: Probe | None = None  # the incumbent
+        self.defaults_probe: Probe | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def predicted(self, s: Settings) -> int:
         return fit.predict(
-            header,
-            ctx,
+            self.header,
+            self.ctx,
             s.kv_type,
             min(s.n_ubatch, s.n_batch),
             use_mmap=s.use_mmap,
             repack=s.repack and repack_usable(),
-            repack_family=policy.repack_family(system.cpu_features()),
+            repack_family=self.family,
             flash_attn=None if s.flash_attn == "auto" else s.flash_attn == "on",
         ).predicted_peak_bytes
 
-    best: Probe | None = None  # the incumbent
+    def start(self) -> None:
+        self.say(
+            f"tuning {self.path.name} for {self.workload} at ctx {self.ctx} "
+            f"({_describe(self.segments)})"
+        )
+        self.defaults_probe = self.run(self.reference)
+        self.best = self.defaults_probe
+        self.by_settings = {self.reference: self.defaults_probe}
 
-    def run(s: Settings, p: Probe | None = None) -> Probe:
-        p = p or Probe(s, predicted_peak_bytes=predicted(s))
-        if not any(q is p for q in probes):
-            probes.append(p)
-        if ram_budget is not None and p.predicted_peak_bytes > ram_budget:
+    def run(self, s: Settings, p: Probe | None = None) -> Probe:
+        """Measure one candidate (once more, for a given probe), within the budgets."""
+        p = p or Probe(s, predicted_peak_bytes=self.predicted(s))
+        if not any(q is p for q in self.probes):
+            self.probes.append(p)
+        budget = self.ram_budget
+        if budget is not None and p.predicted_peak_bytes > budget:
             p.status = "excluded"
-            p.reason = f"predicted peak {_mib(p.predicted_peak_bytes)} > budget {_mib(ram_budget)}"
-            say(f"  {s.label()}: {p.reason}")
+            p.reason = f"predicted peak {_mib(p.predicted_peak_bytes)} > budget {_mib(budget)}"
+            self.say(f"  {s.label()}: {p.reason}")
             return p
         # Stop a candidate that takes ABORT_FACTOR x the incumbent's time (not the defaults').
+        best = self.best
         inc = best if best is not None and p is not best and best.costs else None
         deadline = time.perf_counter() + ABORT_FACTOR * inc.wall_s / len(inc.costs) if inc else None
         try:
-            measure(path, s, segments, ctx, probe=p, seed=7 + len(p.costs), deadline=deadline)
+            measure(
+                self.path, s, self.segments, self.ctx, probe=p, seed=7 + len(p.costs),
+                deadline=deadline,
+            )  # fmt: skip
         except OndeviceError as exc:
             p.status, p.reason = "failed", exc.one_line()
-            say(f"  {s.label()}: failed ({p.reason})")
+            self.say(f"  {s.label()}: failed ({p.reason})")
             return p
         except TooSlow as exc:
             p.status = "aborted"
             p.reason = f"{exc}: over {ABORT_FACTOR:g}x the incumbent's probe time, so slower"
-            say(f"  {s.label()}: {p.reason}")
+            self.say(f"  {s.label()}: {p.reason}")
             return p
-        if ram_budget is not None and p.peak_rss_bytes > ram_budget:
+        if budget is not None and p.peak_rss_bytes > budget:
             p.status = "excluded"
-            p.reason = f"measured peak RSS {_mib(p.peak_rss_bytes)} > budget {_mib(ram_budget)}"
-        say(
-            f"  {s.label()}: {_workload_tps(segments, p):.1f} workload tok/s, "
+            p.reason = f"measured peak RSS {_mib(p.peak_rss_bytes)} > budget {_mib(budget)}"
+        self.say(
+            f"  {s.label()}: {_workload_tps(self.segments, p):.1f} workload tok/s, "
             f"peak RSS {_mib(p.peak_rss_bytes)}" + (f" ({p.reason})" if p.reason else "")
         )
         return p
 
-    def faithful(s: Settings) -> bool:
-        if s.numerics() == reference.numerics() or _same_numerics(s, defaults_probe):
+    def faithful(self, s: Settings) -> bool:
+        if s.numerics() == self.reference.numerics() or _same_numerics(s, self.defaults_probe):
             return True
         key = s.numerics()
-        if key not in faith_cache:
-            faith_cache[key] = check_faithful(path, s, reference, n_ctx=min(ctx, 512))
-            f = faith_cache[key]
-            say(f"  faithfulness of {s.label()}: KL {f.kl_mean:.2e}, top-1 {f.top1:.1%}")
-        return faith_cache[key].passed
+        if key not in self.faith_cache:
+            f = check_faithful(self.path, s, self.reference, n_ctx=min(self.ctx, 512))
+            self.faith_cache[key] = f
+            self.say(f"  faithfulness of {s.label()}: KL {f.kl_mean:.2e}, top-1 {f.top1:.1%}")
+        return self.faith_cache[key].passed
 
-    def usable(p: Probe) -> bool:
-        return p.status == "ok" and bool(p.costs)
-
-    reference = default_settings()
-    say(f"tuning {path.name} for {workload} at ctx {ctx} ({_describe(segments)})")
-    defaults_probe = run(reference)
-    best = defaults_probe
-    by_settings: dict[Settings, Probe] = {reference: defaults_probe}
-    for knob in knobs:
-        max_chunk = max(min(s.chunk, s.tokens) for s in segments if s.kind == "pp")
-        values, why = _candidates(knob, header, best.settings, max_chunk)
+    def _alternatives(self, knob: str) -> list[Any]:
+        assert self.best is not None and self.defaults_probe is not None
+        max_chunk = max(min(s.chunk, s.tokens) for s in self.segments if s.kind == "pp")
+        values, why = _candidates(knob, self.header, self.best.settings, max_chunk)
         if why:
-            unavailable[knob] = why
-        alts = [v for v in values if v != getattr(best.settings, knob)]
-        if knob == "flash_attn" and best.settings.flash_attn == "auto":
+            self.unavailable[knob] = why
+        alts = [v for v in values if v != getattr(self.best.settings, knob)]
+        if knob == "flash_attn" and self.best.settings.flash_attn == "auto":
             # "auto" is one of on/off; measuring both would measure it twice.
-            alts = [v for v in alts if v != defaults_probe.flash_attn_resolved]
+            alts = [v for v in alts if v != self.defaults_probe.flash_attn_resolved]
+        return alts
+
+    def step(self, knob: str) -> None:
+        """Try the other values of one knob against the incumbent; keep the winner."""
+        best = self.best
+        assert best is not None
         tried = [best]
-        for v in alts:
+        for v in self._alternatives(knob):
             s = replace(best.settings, **{knob: v})
             if knob == "n_ubatch":
                 s = replace(s, n_batch=max(s.n_batch, v))
-            if s in by_settings:
-                tried.append(by_settings[s])
+            if s in self.by_settings:
+                tried.append(self.by_settings[s])
                 continue
             # The next probe costs about what the incumbent's did (one knob differs).
             est = best.wall_s / max(len(best.costs), 1)
-            if elapsed() + est > time_budget:
-                skipped.append(f"{knob}={v}")
+            if self.elapsed() + est > self.time_budget:
+                self.skipped.append(f"{knob}={v}")
                 continue
-            by_settings[s] = run(s)
-            tried.append(by_settings[s])
-        winner = _choose(best, [p for p in tried if usable(p)])
-        if winner is not best and winner.cost > best.cost * (1 - RECHECK):
-            est = best.wall_s / max(len(best.costs), 1) + winner.wall_s / len(winner.costs)
-            if elapsed() + est <= time_budget:
-                say(f"  close call on {knob}: measuring both again")
-                run(best.settings, best)
-                run(winner.settings, winner)
-                if usable(winner) and usable(best):
-                    winner = _choose(best, [best, winner])
-        if winner is not best and not faithful(winner.settings):
+            self.by_settings[s] = self.run(s)
+            tried.append(self.by_settings[s])
+        winner = _choose(best, [p for p in tried if _usable(p)])
+        winner = self._recheck(knob, best, winner)
+        if winner is not best and not self.faithful(winner.settings):
             winner.status = "unfaithful"
-            winner.reason = faith_cache[winner.settings.numerics()].reason
-            say(f"  {winner.settings.label()} rejected: {winner.reason}")
-            rest = [p for p in tried if usable(p) and p is not winner]
+            winner.reason = self.faith_cache[winner.settings.numerics()].reason
+            self.say(f"  {winner.settings.label()} rejected: {winner.reason}")
+            rest = [p for p in tried if _usable(p) and p is not winner]
             winner = _choose(best, rest) if rest else best
-            if winner is not best and not faithful(winner.settings):
+            if winner is not best and not self.faithful(winner.settings):
                 winner = best
-        best = winner
-    if not usable(best):
-        raise DoesNotFit(
-            f"no setting of {path.name} at ctx {ctx} measured within the RAM budget",
-            hint="raise --ram, or lower --ctx",
-        )
-    faith = None
-    if best is not defaults_probe:  # reported even when only speed knobs changed
-        faith = faith_cache.get(best.settings.numerics()) or check_faithful(
-            path, best.settings, reference, n_ctx=min(ctx, 512)
-        )
-    how = _how(workload, ctx, segments, knobs, unavailable, skipped, ram_budget)
-    result = TuneResult(
-        model=str(path),
-        model_sha256=sha,
-        workload=workload,
-        n_ctx=ctx,
-        device=dev,
-        device_id=device_id(dev),
-        defaults=defaults_probe,
-        best=best,
-        probes=probes,
-        faithfulness=faith,
-        unavailable=unavailable,
-        skipped=skipped,
-        ram_budget_bytes=ram_budget,
-        time_budget_s=time_budget,
-        elapsed_s=elapsed(),
-        how=how,
-    )
-    result.settings = best.settings
-    if best.settings.flash_attn == "auto" and best.flash_attn_resolved in ("on", "off"):
-        result.settings = replace(best.settings, flash_attn=best.flash_attn_resolved)
-    if save:
-        result.stored_in = str(save_tuning(result.entry()))
-    return result
+        self.best = winner
+
+    def _recheck(self, knob: str, best: Probe, winner: Probe) -> Probe:
+        """A close call is measured again, both candidates, and the means decide."""
+        if winner is best or winner.cost <= best.cost * (1 - RECHECK):
+            return winner
+        est = best.wall_s / max(len(best.costs), 1) + winner.wall_s / len(winner.costs)
+        if self.elapsed() + est > self.time_budget:
+            return winner
+        self.say(f"  close call on {knob}: measuring both again")
+        self.run(best.settings, best)
+        self.run(winner.settings, winner)
+        if _usable(winner) and _usable(best):
+            return _choose(best, [best, winner])
+        return winner
+
+    def result(self, knobs: Sequence[str], save: bool) -> TuneResult:
+        best, defaults = self.best, self.defaults_probe
+        assert best is not None and defaults is not None
+        if not _usable(best):
+            raise DoesNotFit(
+                f"no setting of {self.path.name} at ctx {self.ctx} measured within the RAM budget",
+                hint="raise --ram, or lower --ctx",
+            )
+        faith = None
+        if best is not defaults:  # reported even when only speed knobs changed
+            faith = self.faith_cache.get(best.settings.numerics()) or check_faithful(
+                self.path, best.settings, self.reference, n_ctx=min(self.ctx, 512)
+            )
+        how = _how(
+            self.workload, self.ctx, self.segments, knobs, self.unavailable, self.skipped,
+            self.ram_budget,
+        )  # fmt: skip
+        result = TuneResult(
+            model=str(self.path), model_sha256=self.sha, workload=self.workload, n_ctx=self.ctx,
+            device=self.device, device_id=device_id(self.device), defaults=defaults, best=best,
+            probes=self.probes, faithfulness=faith, unavailable=self.unavailable,
+            skipped=self.skipped, ram_budget_bytes=self.ram_budget,
+            time_budget_s=self.time_budget, elapsed_s=self.elapsed(), how=how,
+        )  # fmt: skip
+        result.settings = best.settings
+        if best.settings.flash_attn == "auto" and best.flash_attn_resolved in ("on", "off"):
+            result.settings = replace(best.settings, flash_attn=best.flash_attn_resolved)
+        if save:
+            result.stored_in = str(save_tuning(result.entry()))
+        return result
+
+
+def _usable(p: Probe) -> bool:
+    return p.status == "ok" and bool(p.costs)
 
 
 def _same_numerics(s: Settings, defaults: Probe) -> bool:

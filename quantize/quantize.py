@@ -33,6 +33,7 @@ from ondevice import locate, paths
 from ondevice.errors import QuantizeError
 from ondevice.gguf_header import GGUFHeader, read_header
 
+from .imatrix import read_imatrix
 from .types import QuantType, get_type
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,6 @@ def _check_imatrix(qtype: QuantType, imatrix: str | os.PathLike[str] | None) -> 
                 "or pick a type that doesn't need one, such as IQ4_XS or Q2_K",
             )
         return None
-    from .imatrix import read_imatrix
 
     path = Path(imatrix).expanduser().absolute()
     read_imatrix(path)  # a bad file fails here, with a clear message, not in the child

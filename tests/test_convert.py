@@ -334,8 +334,9 @@ def test_q8_0_is_bit_exact_with_gguf_quants(tiny, converted):
 
 def test_numpy_fallback_quantizer_gives_the_same_file(tiny, tmp_path, monkeypatch):
     """Without llama.cpp's ggml library, gguf-py's quantizer writes the same bytes."""
-    from ondevice._native import ggml_quants
     from ondevice.convert import quants
+
+    from ondevice._native import ggml_quants
 
     engine = convert(tiny["base"].path, tmp_path / "engine.gguf", outtype="q8_0")
     monkeypatch.setenv("ONDEVICE_CONVERT_QUANTIZER", "numpy")

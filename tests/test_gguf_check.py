@@ -172,7 +172,7 @@ def test_file_shrinking_while_read_is_an_error_not_sigbus(demo_path, tmp_path, m
     with open(copy, "wb") as f:
         f.write(lay.data)
         f.truncate(lay.size)
-    first_fill = gguf_check._Cursor.fill
+    first_fill = gguf_header._Cursor.fill
     calls = []
 
     def fill_then_truncate(self, upto):
@@ -181,7 +181,7 @@ def test_file_shrinking_while_read_is_an_error_not_sigbus(demo_path, tmp_path, m
             os.truncate(copy, len(self.buf))  # someone else cuts the file short
         calls.append(upto)
 
-    monkeypatch.setattr(gguf_check._Cursor, "fill", fill_then_truncate)
+    monkeypatch.setattr(gguf_header._Cursor, "fill", fill_then_truncate)
     with pytest.raises(InvalidModelFile, match="shrank while being read|truncated"):
         read_header(copy)
 
@@ -222,7 +222,7 @@ def test_gguf_py_killer_is_refused_cheaply(tiny, tmp_path):
 def test_largest_accepted_header_stays_bounded(tiny, tmp_path):
     """A header at the limits (arrays of 2-byte strings, the most Python objects per byte)
     parses in bounded memory: measured in a fresh process (reported in the test output)."""
-    n = gguf_check.MAX_ARRAY_LEN
+    n = gguf_header.MAX_ARRAY_LEN
     payload = b"".join(
         struct.pack("<Q", 2) + bytes([65 + i % 26, 65 + i // 26 % 26]) for i in range(n)
     )

@@ -15,7 +15,7 @@ import click
 from ondevice import bench as bench_lib
 from ondevice import paths
 from ondevice.bench import BenchRecord
-from ondevice.errors import UsageError
+from ondevice.errors import DoesNotFit, MissingExtra, UsageError
 
 
 def _mib(n: float | None) -> str:
@@ -187,8 +187,6 @@ def plot(records: list[BenchRecord], path: str | os.PathLike[str]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from ondevice.errors import MissingExtra
-
         raise MissingExtra("--plot needs matplotlib", hint="pip install 'ondevice[plot]'") from None
     sustained = [r for r in records if r.series]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
@@ -375,7 +373,6 @@ def bench(
     over = [r for r in records if r.within_budget is False]
     if over:
         worst = max(r.peak_rss_bytes for r in over)
-        from ondevice.errors import DoesNotFit
 
         raise DoesNotFit(
             f"peak RSS {worst / 2**30:.2f} GiB went over the {opts.profile.name} budget of "

@@ -41,7 +41,7 @@ def chat(
       ondevice chat phi-2 --system "You are terse." --temperature 0.2
       echo "What is the capital of France?" | ondevice chat demo
     """
-    import ondevice
+    import ondevice  # the runtime: imported when the command runs, not for --help
 
     name = model or default_model()
     with ondevice.load(name, **load_kwargs(params)) as m:

@@ -42,7 +42,9 @@ def convert(src: str, out: Path, outtype: str, revision: str | None, force: bool
       ondevice convert microsoft/phi-2 -o phi-2-f16.gguf
       ondevice convert ./my-phi2-finetune -o ft-q8.gguf --outtype q8_0
     """
-    from ondevice.convert import convert as convert_model
+    from ondevice.convert import (
+        convert as convert_model,  # the converter (gguf-py, safetensors): not for --help
+    )
 
     with _sigterm_as_interrupt():
         path = convert_model(src, out, outtype=outtype.lower(), revision=revision, force=force)

@@ -96,10 +96,18 @@ def fit(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         sys.exit(0 if report.fits else 1)
+    _print_terms(report, header, path.name, n_ctx, kv_type, ubatch)
+    _print_verdict(report, ram_bytes, kv_type)
+    sys.exit(0 if report.fits else 1)
+
+
+def _print_terms(report, header, name: str, n_ctx: int, kv_type: str, ubatch: int) -> None:
+    """The prediction, term by term."""
+    path_name = name
     p = report.prediction
     types = ", ".join(f"{k}×{v}" for k, v in sorted(header.type_counts().items()))
     click.echo(
-        f"Model:    {path.name} ({header.architecture}, {header.n_params / 1e9:.2f} B params)"
+        f"Model:    {path_name} ({header.architecture}, {header.n_params / 1e9:.2f} B params)"
     )
     click.echo(f"Tensors:  {types}")
     click.echo(
@@ -124,6 +132,11 @@ def fit(
         f"(file-backed {p.file_backed_bytes / 2**20:.0f} MiB, anonymous "
         f"{p.anon_bytes / 2**20:.0f} MiB)"
     )
+
+
+def _print_verdict(report, ram_bytes: int, kv_type: str) -> None:
+    """Fits or not, and what would."""
+    p = report.prediction
     spare = ram_bytes - p.predicted_peak_bytes
     if report.fits:
         click.echo(
@@ -156,4 +169,3 @@ def fit(
             click.echo(f"Note: no quantized KV cache for this model: {kv['why']}.")
     for note in report.notes:
         click.echo(f"Note: {note}.")
-    sys.exit(0 if report.fits else 1)

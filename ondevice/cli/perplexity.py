@@ -39,7 +39,10 @@ def perplexity(
       ondevice perplexity model-q4_k_m.gguf wiki.txt --reference model-f16.gguf
       ondevice perplexity demo tests/data/alice-ch1.txt --ctx 128 --json
     """
-    from ondevice.quantize.quality import evaluate, read_text
+    from ondevice.quantize.quality import (  # the runtime: imported when the command runs, not for --help
+        evaluate,
+        read_text,
+    )
 
     tty = sys.stderr.isatty() and not as_json
 

@@ -52,7 +52,9 @@ def pull(
       ondevice pull microsoft/phi-2 --quant Q8_0
       ondevice pull TheBloke/phi-2-GGUF --quant Q5_K_M
     """
-    from ondevice.pull import pull as pull_model
+    from ondevice.pull import (
+        pull as pull_model,  # huggingface-hub: imported when the command runs, not for --help
+    )
 
     # huggingface-hub prints its warnings through its own handler; don't print them twice.
     logging.getLogger("huggingface_hub").propagate = False

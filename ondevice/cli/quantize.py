@@ -15,7 +15,9 @@ class _TypesHelp(click.Command):
     needs the llama.cpp binding, which `ondevice --help` should not have to load)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from ondevice.quantize.types import type_table
+        from ondevice.quantize.types import (
+            type_table,  # the binding's type list: only when the help is shown
+        )
 
         formatter.write_paragraph()
         formatter.write_text(
@@ -126,7 +128,9 @@ def quantize(
         return
     if dst is None:
         raise UsageError("missing OUT", hint="ondevice quantize IN OUT --type Q4_K_M")
-    from ondevice.quantize import quantize as run_quantize
+    from ondevice.quantize import (
+        quantize as run_quantize,  # gguf-py and the worker: imported when the command runs
+    )
 
     progress = _Progress(sys.stderr.isatty() and not as_json)
     result = run_quantize(
@@ -151,8 +155,12 @@ def quantize(
 def _report(
     src, text_file, types, ctx, chunks, threads, keep, gen_tokens, as_json, plot, requant, imatrix
 ):
-    from ondevice.quantize.quality import read_text
-    from ondevice.quantize.report import plot_ladder, quality_ladder, require_matplotlib
+    from ondevice.quantize.quality import read_text  # the runtime: only for --report
+    from ondevice.quantize.report import (  # the runtime and matplotlib: only for --report
+        plot_ladder,
+        quality_ladder,
+        require_matplotlib,
+    )
 
     if plot:
         require_matplotlib()  # fail before the long part, not after it

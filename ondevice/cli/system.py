@@ -14,8 +14,12 @@ from ondevice.cli.options import mib
 def system(as_json: bool) -> None:
     """Show the CPU (model, features, performance/efficiency cores), RAM, and the installed
     llama.cpp: version, compiled backends and the devices it can run on."""
-    from ondevice import tune_store as tune
-    from ondevice.backends import system_info
+    from ondevice import (
+        tune_store as tune,  # llama.cpp's build facts: imported when the command runs
+    )
+    from ondevice.backends import (
+        system_info,  # llama.cpp's build facts: imported when the command runs
+    )
 
     info = system_info()
     mine, everyone = tune.stored(), tune.stored(this_device=False)

@@ -8,6 +8,8 @@ import json
 import click
 
 from ondevice import tune as tune_lib
+from ondevice.errors import UsageError
+from ondevice.fit import parse_bytes
 
 
 def _rates(values: dict) -> str:
@@ -115,8 +117,6 @@ def tune(
       ondevice tune demo
       ondevice tune phi-2 --workload long-prompt --ctx 2048 --ram 3GB --time-budget 900
     """
-    from ondevice.errors import UsageError
-    from ondevice.fit import parse_bytes
 
     chosen = [k.strip() for k in knobs.split(",") if k.strip()]
     bad = [k for k in chosen if k not in tune_lib.KNOBS]
