@@ -73,6 +73,7 @@ def run_llama_bench(
     n_ubatch: int = 512,
     flash_attn: str = "auto",
     kv_type: str = "f16",
+    repack: bool = False,
 ) -> list[dict]:
     """Run llama-bench once with ondevice's settings; its JSON records (avg_ts, samples_ts...)."""
     cmd = [
@@ -100,7 +101,9 @@ def run_llama_bench(
         "-ctv",
         kv_type,
         "--repack",
-        "0",  # as ondevice on this AMX machine (AMX kernels, reached by repacking, SIGILL here)
+        # As ondevice runs: off on AMX builds (AMX kernels, reached by repacking, SIGILL on the
+        # Sapphire Rapids VMs), on elsewhere; callers pass what the loaded Model used.
+        "1" if repack else "0",
         "--load-mode",
         "mmap",
         "-o",
@@ -157,7 +160,14 @@ def measure(model_path: str, rounds: int, threads: int, n_gen: int, reps: int) -
     m.generate(PROMPTS[0], max_tokens=8, temperature=0)
     theirs, ours, prompt_ix = [], [], 0
     for r in range(rounds):
-        rec = run_llama_bench(binary, model_path, n_gen=n_gen, threads=threads, reps=reps)
+        rec = run_llama_bench(
+            binary,
+            model_path,
+            n_gen=n_gen,
+            threads=threads,
+            reps=reps,
+            repack=m.settings["repack"],
+        )
         theirs.append(rec[0]["avg_ts"])
         tps, prompt_ix = stream_tps(m, n_gen, reps)
         ours.append(tps)
@@ -167,6 +177,7 @@ def measure(model_path: str, rounds: int, threads: int, n_gen: int, reps: int) -
             file=sys.stderr,
         )
     notes = list(m.notes)
+    repack = m.settings["repack"]
     m.close()
     return {
         "model": Path(model_path).name,
@@ -177,6 +188,7 @@ def measure(model_path: str, rounds: int, threads: int, n_gen: int, reps: int) -
         "ratio": median(ours) / median(theirs),
         "prompt": PROMPTS[prompt_ix],
         "notes": notes,
+        "repack": repack,
     }
 
 
@@ -239,8 +251,9 @@ def main() -> None:
             + "`, "
             f"{time.strftime('%Y-%m-%d')}, {args.rounds} interleaved rounds "
             f"(llama-bench, ondevice, ...), each round the mean of {args.reps} repetitions "
-            f"after a warm-up; {args.threads} thread(s), repacking off in both "
-            "(`--repack 0`), flash attention auto, n_batch 2048 / n_ubatch 512, mmap. "
+            f"after a warm-up; {args.threads} thread(s), repacking "
+            f"{'on' if results[0]['repack'] else 'off'} in both (as ondevice runs on this "
+            "build), flash attention auto, n_batch 2048 / n_ubatch 512, mmap. "
             f"Machine: {machine_line()}.",
             "",
             f"llama-bench tg{args.n_gen}: {args.n_gen} single-token decodes of random tokens, "

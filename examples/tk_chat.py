@@ -9,7 +9,7 @@ How it stays responsive: loading (`ondevice.load_async`) and generation (`ondevi
 run on ondevice's worker threads. Their callbacks arrive on those threads, and Tk must only be
 touched from the main thread, so every callback just puts an event on a `queue.Queue`; `_poll`,
 scheduled with `root.after()`, applies the events on the main thread. The status bar reads
-`Model.stats()` every 100 ms (it never waits for the model) and the live token rate from the
+`Model.live_stats()` every 100 ms (it never waits for the model) and the live token rate from the
 generation handle.
 
 For tests and debugging: `--state-file PATH` (or ONDEVICE_TK_STATE=PATH) makes the app write its
@@ -287,7 +287,7 @@ class ChatApp:
             return f"loading… {self.load_progress * 100:.0f}%"
         if self.model is None:
             return self.error or "no model loaded"
-        live = self.model.stats()  # lock-free: fine while a reply streams
+        live = self.model.live_stats()  # lock-free: fine while a reply streams
         if self.generating and self.handle is not None:
             speed = f"{self.handle.tokens_per_s:.1f} tok/s · {self.handle.tokens} tokens"
         elif live.last is not None:
