@@ -51,6 +51,10 @@ def resolve(model: str | os.PathLike[str]) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path.resolve()
+    if path.exists() and not path.is_dir():
+        raise ModelNotFound(
+            f"{text} is not a regular file (a pipe or a device?)", hint="give a .gguf file"
+        )
     if path.is_dir():
         raise ModelNotFound(
             f"{text} is a directory, not a .gguf file",

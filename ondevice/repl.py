@@ -14,6 +14,7 @@ runtime; Ctrl-C at the prompt only says how to quit; Ctrl-D quits.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -120,7 +121,7 @@ class Repl:
     ) -> None:
         self.conv = conversation
         self.model = conversation.model
-        self.stdin = stdin or sys.stdin
+        self.stdin = stdin or _lenient(sys.stdin)
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         if interactive is None:
@@ -410,6 +411,15 @@ class Repl:
         ]
         width = max(len(k) for k, _ in rows) + 2
         return "\n".join(f"{k:<{width}}{v}".rstrip() for k, v in rows)
+
+
+def _lenient(stream: IO[str]) -> IO[str]:
+    """Piped input that isn't valid UTF-8 must not end the chat with a UnicodeDecodeError: read
+    such bytes as U+FFFD (the terminal's own input goes through prompt_toolkit)."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None or _isatty(stream):
+        return stream
+    return io.TextIOWrapper(buffer, encoding="utf-8", errors="replace")
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -197,7 +197,8 @@ LOAD: dict[str, Setting] = _table(
     ),
     Setting(
         "threads", str, "auto", lambda v: v == "auto" or (v.isdigit() and 1 <= int(v) <= 4096),
-        "a number from 1 to 4096, or auto", "Threads: a number, or auto (the performance cores).",
+        "at least 1 (and at most 4096), or auto",
+        "Threads: a number, or auto (the performance cores).",
         ("-t", "--threads"),
     ),
     Setting(

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUANT = "Q4_K_M"
 MANIFEST_FORMAT = 1
+MAX_MANIFEST_BYTES = 1 << 20  # real ones are ~1 KB
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _QUANT = re.compile(r"^[A-Z0-9_]{1,24}$")
@@ -162,7 +163,11 @@ def entries() -> list[Entry]:
 
 def _read_manifest(path: Path) -> Entry | None:
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes is too big for a manifest")
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
         file_name = data["file"]
         # The manifest names a file beside it, never a path elsewhere.
         if not isinstance(file_name, str) or Path(file_name).name != file_name:
@@ -182,8 +187,10 @@ def _read_manifest(path: Path) -> Entry | None:
             manifest=data,
             manifest_path=path,
         )
-    except (OSError, ValueError, KeyError, TypeError, UsageError) as exc:
-        log.warning("ignoring unreadable store manifest %s: %s", path, exc)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError) as exc:
+        # A broken manifest hides its own entry only, never the store (RecursionError: a
+        # manifest of 100000 "[" nests deeper than the JSON parser recurses).
+        log.warning("ignoring unreadable store manifest %s: %s", path, str(exc)[:200])
         return None
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ondevice
-from ondevice import locate, paths
+from ondevice import locate, paths, processes
 from ondevice.errors import QuantizeError
 from ondevice.gguf_header import GGUFHeader, read_header
 
@@ -226,7 +226,7 @@ def _run_child(
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
     # The child must import the same ondevice as we did, even if it came from a checkout
     # on sys.path rather than an installed package.
-    env = dict(os.environ)
+    env = processes.child_env()
     root = str(Path(ondevice.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
@@ -242,8 +242,9 @@ def _run_child(
     reader.start()
     try:
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(job).encode())
-        proc.stdin.close()
+        # One line; stdin stays open while the child runs: its end tells the child we died.
+        proc.stdin.write(json.dumps(job).encode() + b"\n")
+        proc.stdin.flush()
         while proc.poll() is None:
             if cancel is not None and cancel.wait(0.1):
                 raise QuantizeError("quantization cancelled")
@@ -253,6 +254,9 @@ def _run_child(
         _kill(proc)
         reader.join(timeout=5)
         raise
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
     out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     reader.join(timeout=5)
     rc = proc.returncode

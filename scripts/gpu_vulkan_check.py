@@ -121,7 +121,6 @@ def hf_logits(folder: Path, tokens: list[int]) -> np.ndarray:
 
 def cmd_agree(args: argparse.Namespace) -> int:
     import ondevice
-    from ondevice import backends
 
     path = Path(args.model)
     kw = {"n_ctx": N_CTX, "threads": args.threads}

@@ -1,7 +1,8 @@
 """The `ondevice` command line: a click group whose commands live one module each in this package.
 
 Library code raises `OndeviceError`s; this is the only layer that prints them and picks exit
-codes (1 for a failure, 2 for usage, 130 for Ctrl-C), and it never shows a traceback for them.
+codes (1 for a failure, 2 for usage, 130 for Ctrl-C, 128+N for SIGTERM/SIGHUP, which end a
+command as cleanly as Ctrl-C), and it never shows a traceback for them.
 Commands are imported lazily so that `ondevice --help` and a failing command stay fast.
 """
 
@@ -15,6 +16,7 @@ import sys
 import click
 
 from ondevice.errors import OndeviceError
+from ondevice.processes import Terminated, terminate_on_signals
 
 # name -> "module:attribute" of the click command. Adding a command is one line here.
 COMMANDS: dict[str, str] = {
@@ -49,13 +51,17 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with terminate_on_signals():
+                return super().invoke(ctx)
         except OndeviceError as exc:
             click.echo(f"error: {exc.one_line()}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except Terminated as exc:
+            click.echo(f"terminated ({exc})", err=True)
+            ctx.exit(exc.exit_code)
         except BrokenPipeError:
             # `ondevice run ... | head`: the reader went away; that's not an error of ours.
             devnull = os.open(os.devnull, os.O_WRONLY)

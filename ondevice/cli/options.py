@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from ondevice.errors import UsageError
 from ondevice.settings import LOAD, MAX_TOKENS, SAMPLING, Setting
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
@@ -28,15 +27,11 @@ LOAD_OPTIONS = (
 
 
 def _checked(setting: Setting) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A click callback that validates with the table (a bad value exits 2 with one line)."""
+    """A click callback that validates with the table (a bad value is a UsageError: the CLI
+    prints it as one line and exits 2)."""
 
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None:
-            return None
-        try:
-            return setting.validate(value)
-        except UsageError as exc:
-            raise click.BadParameter(exc.message) from None
+        return None if value is None else setting.validate(value)
 
     return check
 

@@ -12,6 +12,23 @@ from ondevice.cli.options import load_kwargs, load_options, sampling_kwargs, sam
 from ondevice.errors import UsageError
 
 
+def read_stdin() -> str:
+    """Standard input as text; bytes that aren't UTF-8 become U+FFFD (with a warning) instead
+    of a UnicodeDecodeError."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        click.echo(
+            f"warning: standard input is not valid UTF-8 (byte {exc.start}); "
+            "invalid bytes were replaced with U+FFFD",
+            err=True,
+        )
+        return data.decode("utf-8", errors="replace")
+
+
 @click.command()
 @click.argument("model")
 @click.argument("prompt", required=False)
@@ -48,7 +65,7 @@ def run(
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if not prompt:
         raise UsageError("the prompt is empty", hint="pass a non-empty PROMPT")
     with ondevice.load(model, **load_kwargs(params)) as m:
