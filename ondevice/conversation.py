@@ -43,6 +43,7 @@ from ondevice.stats import Stats
 
 FILE_FORMAT = "ondevice.conversation"
 FILE_VERSION = 1
+MAX_FILE_BYTES = 64 << 20  # a saved conversation; a long one is a few hundred KB
 DEFAULT_MAX_TOKENS = 512
 
 # What /set and Conversation.set accept: the sampling settings and max_tokens (ondevice.settings).
@@ -92,11 +93,23 @@ def chat(
     t0 = time.perf_counter()
     fmt = chat_formats.for_model(model, chat_format)
     text = fmt.render(messages, add_generation_prompt=True)
+    check_text(text)
     tokens = tokenize_prompt(model, text)
     gen = model.stream(
         tokens, max_tokens=max_tokens, stop=_stops(fmt, stop), cancel=cancel, **sampling
     )
     return _tidy(gen, time.perf_counter() - t0)
+
+
+def check_text(text: str) -> None:
+    """UsageError for text that can't be UTF-8 (lone surrogates from a bad decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"the text has an invalid character at position {exc.start} (a lone surrogate)",
+            hint="decode input with errors='replace'",
+        ) from None
 
 
 def tokenize_prompt(model: ModelLike, text: str) -> list[int]:
@@ -330,8 +343,11 @@ class Conversation:
         Raises ContextOverflow (now, not when iterating) if the message can't fit the context.
         """
         t0 = time.perf_counter()
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise UsageError(f"the message must be text, not {type(text).__name__}")
+        if not text.strip():
             raise UsageError("the message is empty")
+        check_text(text)
         opts = dict(self.settings)
         cancel = kwargs.pop("cancel", None)
         stop = kwargs.pop("stop", None)
@@ -484,10 +500,16 @@ class Conversation:
         list of OpenAI-style messages. Returns the number of messages loaded."""
         source = Path(path).expanduser()
         try:
+            if source.is_file() and source.stat().st_size > MAX_FILE_BYTES:
+                raise UsageError(f"{source} is larger than {MAX_FILE_BYTES >> 20} MiB")
             doc = json.loads(source.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"no such file: {source}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except IsADirectoryError:
+            raise UsageError(f"{source} is a folder, not a saved conversation") from None
+        except RecursionError:  # "[[[[..." deeper than the JSON parser recurses
+            raise UsageError(f"{source} is not a saved conversation: nested too deep") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: 5000-digit ints
             raise UsageError(f"{source} is not a saved conversation: {exc}") from None
         if isinstance(doc, list):
             messages = doc

@@ -35,7 +35,7 @@ from ondevice.errors import ContextOverflow, ModelClosed, UsageError
 from ondevice.generation import Request, TokenCache, stream_tokens
 from ondevice.gguf_header import GGUFHeader
 from ondevice.results import Chunk, Result
-from ondevice.settings import sampling_params
+from ondevice.settings import MAX_TOKENS, sampling_params
 from ondevice.stats import Stats
 
 
@@ -286,10 +286,11 @@ class Model:
         "cancelled". Raises ContextOverflow when the prompt itself does not fit the context.
         """
         params = sampling_params(sampling)
+        max_tokens = MAX_TOKENS.validate(max_tokens)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         if isinstance(prompt, str):
             prompt = _utf8(prompt).decode("utf-8")
-        return self._stream(prompt, int(max_tokens), stops, cancel, add_special, params)
+        return self._stream(prompt, max_tokens, stops, cancel, add_special, params)
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Result:
         """The whole completion at once: loops over `stream()`."""

@@ -116,11 +116,17 @@ class Engine:
         self.model = None
         self.ctx = None
         native_log.clear()
-        self._load_model(L, path, config, progress)
-        # What the load did (e.g. "offloaded 31/31 layers to GPU"), before the context's lines.
-        self.load_log = native_log.recent(60)
-        self.vocab = L.llama_model_get_vocab(self.model)
-        self._create_context(L, path, config)
+        try:
+            with native_log.interrupts_deferred():  # Ctrl-C can't vanish inside a callback
+                self._load_model(L, path, config, progress)
+                if not native_log.interrupt_pending():  # else: KeyboardInterrupt at the end
+                    # What the load did ("offloaded 31/31 layers to GPU"), before the context's.
+                    self.load_log = native_log.recent(60)
+                    self.vocab = L.llama_model_get_vocab(self.model)
+                    self._create_context(L, path, config)
+        except BaseException:
+            self.close()
+            raise
         self.memory = L.llama_get_memory(self.ctx)
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
@@ -165,9 +171,8 @@ class Engine:
         self._progress_cb = L.llama_progress_callback(on_progress)
         mp.progress_callback = self._progress_cb
         self.model = L.llama_model_load_from_file(path.encode(), mp)
-        if native_log.take_interrupt():
-            self.close()
-            raise KeyboardInterrupt
+        if native_log.interrupt_pending():
+            return  # interrupts_deferred raises KeyboardInterrupt
         if not self.model:
             if cancelled:
                 raise LoadCancelled(f"loading {path} was cancelled")
@@ -187,9 +192,8 @@ class Engine:
         cp.offload_kqv = config.offload_kqv
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
-        if native_log.take_interrupt():
-            self.close()
-            raise KeyboardInterrupt
+        if native_log.interrupt_pending():
+            return  # interrupts_deferred raises KeyboardInterrupt
         if not self.ctx:
             self.close()
             raise ModelLoadError(

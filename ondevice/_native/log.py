@@ -6,10 +6,11 @@ small ring buffer and parsed here, in one place, so a change of wording in a lla
 touches this file only.
 
 The log callback runs inside llama.cpp's C code. An exception raised in it (Ctrl-C arrives as
-KeyboardInterrupt in whatever Python code runs next, and during a load that is this callback)
-would be printed and swallowed by ctypes ("Exception ignored on calling ctypes callback") and the
-load would go on; so the callback records the interrupt instead, and `take_interrupt()` lets the
-caller (the engine's progress callback, and the code after the native call) act on it.
+KeyboardInterrupt in whatever Python code runs next, and during a load that is this callback,
+at its very first line) would be printed and swallowed by ctypes ("Exception ignored on calling
+ctypes callback") and the load would go on. So during a load `interrupts_deferred()` replaces the
+SIGINT handler with one that only records the interrupt; the load's progress callback then
+stops llama.cpp, and the engine raises KeyboardInterrupt once the native call has returned.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import re
+import signal
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -49,6 +51,26 @@ def install(L: Any) -> None:
 
     _callback = _on_log
     L.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C is recorded (`interrupt_pending()`) instead of raised; it is
+    raised as KeyboardInterrupt when the block ends. Main thread only (elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGINT)
+    if old is not signal.default_int_handler:  # someone else's handler: leave it alone
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda _signum, _frame: _interrupted.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if take_interrupt():
+        raise KeyboardInterrupt
 
 
 def note_interrupt() -> None:
