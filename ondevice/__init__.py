@@ -12,11 +12,11 @@ Layers. A module imports only modules of its own layer or of a layer below it, n
 and there are no import cycles; tests/test_layers.py reads every import (inside functions too)
 and checks both against this table, which is the one place the layering is written down:
 
-    LAYER foundation  errors paths processes settings stats results system logits
+    LAYER foundation  errors paths processes settings stats results system logits watchdog
     LAYER native      _native
     LAYER model-files gguf_header gguf_check policy fit chat_formats store locate models tune_store
     LAYER devices     backends
-    LAYER runtime     generation app conversation runtime loader
+    LAYER runtime     constrain generation app conversation runtime loader
     LAYER tools       bench tune pull repl quantize convert
     LAYER interfaces  cli __main__
 

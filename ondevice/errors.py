@@ -79,6 +79,10 @@ class GenerationError(OndeviceError):
     """llama.cpp failed while evaluating a batch."""
 
 
+class IncompleteOutput(OndeviceError):
+    """A constrained reply was cut short (max_tokens or cancelled), so it is not complete."""
+
+
 class ChatFormatError(OndeviceError):
     """No usable prompt format for a conversation, or a chat template that misbehaves."""
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ondevice import stats
 from ondevice._native.engine import Engine, Sampler
+from ondevice._native.grammar import Grammar
 from ondevice.results import Chunk
 from ondevice.stats import Stats
 
@@ -61,6 +62,10 @@ class Request:
     max_tokens: int
     stops: list[str]
     cancelled: Callable[[], bool]
+    grammar: Grammar | None = None
+    # With a repeat penalty the chain's choice must not be accepted before the grammar agrees
+    # (the penalty would remember a refused token): apply the grammar first, always.
+    grammar_first: bool = False
 
 
 def stream_tokens(
@@ -111,12 +116,12 @@ def _generate(
     room = eng.n_ctx - len(cache.tokens)  # positions left in the context
     limit = min(req.max_tokens, room) if req.max_tokens >= 0 else room
     sample, piece, is_eog, decode_one = eng.sample, eng.piece, eng.is_eog, eng.decode_one
-    sampler, cancelled, cached = req.sampler, req.cancelled, cache.tokens
+    sampler, cancelled, cached, grammar = req.sampler, req.cancelled, cache.tokens, req.grammar
     while n_generated < limit:
         if cancelled():
             finish_reason = "cancelled"
             break
-        tok = sample(sampler)
+        tok = sample(sampler) if grammar is None else _constrained(eng, req, st)
         n_generated += 1
         t_last = time.perf_counter()
         if n_generated == 1:
@@ -153,6 +158,25 @@ def _generate(
     st.finish_reason = finish_reason
     finish(st, t_call)
     yield Chunk(pending, tuple(new_tokens), finish_reason, st)
+
+
+def _constrained(eng: Engine, req: Request, st: Stats) -> int:
+    """The next token under the grammar: the chain's own choice if the grammar allows it (one
+    token checked), else the chain's choice among what the grammar allows (llama.cpp's common
+    sampler does the same). The grammar advances past every token but an end token."""
+    grammar = req.grammar
+    assert grammar is not None
+    if not req.grammar_first:
+        tok = eng.sample(req.sampler)
+        if grammar.allows(tok):
+            if not eng.is_eog(tok):
+                grammar.accept(tok)
+            return tok
+    st.grammar_resamples += 1
+    tok = grammar.resample(eng.ctx, req.sampler._ptr)
+    if not eng.is_eog(tok):
+        grammar.accept(tok)
+    return tok
 
 
 def finish(st: Stats, t_call: float) -> None:

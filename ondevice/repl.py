@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ondevice import chat_formats, locate, paths, store
+from ondevice import chat_formats, constrain, locate, paths, store
 from ondevice.conversation import SETTINGS, Conversation
 from ondevice.errors import MissingExtra, ModelNotFound, OndeviceError
 from ondevice.stats import Stats
@@ -42,6 +42,7 @@ Type a message and press Enter. For several lines, start with {FENCE} and end wi
   /stats                full stats of the last reply, the model and the context
   /system [TEXT]        show or set the system prompt (/system --clear removes it)
   /set [NAME VALUE]     show or change a setting: {", ".join(SETTINGS)}
+  /format json|off|FILE replies as JSON, free text, or by a JSON schema / GBNF file
   /save FILE            save the conversation as JSON
   /load FILE            load a saved conversation
   /exit, /bye           quit (or Ctrl-D)
@@ -136,6 +137,7 @@ class Repl:
         self.history_file = history_file
         self._session: Any = None
         self.failed = False  # piped input: a reply failed, so the exit code says so
+        self.constraint: dict[str, Any] = {}  # /format: json_schema=, grammar= or response_format=
         self.commands: dict[str, Callable[[str], None]] = {
             "help": self._cmd_help,
             "reset": self._cmd_reset,
@@ -144,6 +146,7 @@ class Repl:
             "system": self._cmd_system,
             "set": self._cmd_set,
             "save": self._cmd_save,
+            "format": self._cmd_format,
             "load": self._cmd_load,
             "exit": self._cmd_exit,
             "bye": self._cmd_exit,
@@ -262,7 +265,7 @@ class Repl:
         wrote = ""
         with self._ctrl_c_cancels(cancel):
             try:
-                for chunk in self.conv.stream(text, cancel=cancel):
+                for chunk in self.conv.stream(text, cancel=cancel, **self.constraint):
                     if chunk.text:
                         self.stdout.write(chunk.text)
                         self.stdout.flush()
@@ -332,6 +335,16 @@ class Repl:
             return
         self.conv.system = arg
         self._say("system prompt set")
+
+    def _cmd_format(self, arg: str) -> None:
+        """/format json | off | FILE (a JSON schema .json, or a GBNF grammar)."""
+        arg = arg.strip()
+        if not arg:
+            what = next(iter(self.constraint), None)
+            self._say(f"format: {what or 'off (free text)'}")
+            return
+        self.constraint = constrain.stream_kwargs(arg)
+        self._say(f"format: {arg}" if self.constraint else "format: off (free text)")
 
     def _cmd_set(self, arg: str) -> None:
         if not arg:

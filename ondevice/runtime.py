@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ondevice import app, conversation
+from ondevice import app, constrain, conversation
 from ondevice._native.engine import Engine, EngineConfig, Sampler
+from ondevice._native.grammar import Grammar
 from ondevice._native.log import offloaded_layers
 from ondevice.errors import ContextOverflow, ModelClosed, UsageError
 from ondevice.generation import Request, TokenCache, stream_tokens
@@ -275,6 +276,9 @@ class Model:
         stop: str | Sequence[str] | None = None,
         cancel: threading.Event | None = None,
         add_special: bool = True,
+        grammar: str | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> Iterator[Chunk]:
         """Stream the completion of `prompt` (text, or token ids) as `Chunk`s.
@@ -284,13 +288,20 @@ class Model:
         are not returned; `max_tokens` caps the reply (it also ends when the context is full:
         finish_reason "length"). `cancel` (or `Model.cancel()`) ends it with finish_reason
         "cancelled". Raises ContextOverflow when the prompt itself does not fit the context.
+
+        Constrained output (ondevice.constrain), at most one of: `grammar` (GBNF text),
+        `json_schema` (a dict), `response_format` in OpenAI's shape ({"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"schema": ...}}). The reply then always matches;
+        `Result.json` parses it (and refuses a reply cut by max_tokens). A bad grammar or
+        schema is a UsageError before any token is generated.
         """
         params = sampling_params(sampling)
+        constraint = constrain.from_request(grammar, json_schema, response_format)
         max_tokens = MAX_TOKENS.validate(max_tokens)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         if isinstance(prompt, str):
             prompt = _utf8(prompt).decode("utf-8")
-        return self._stream(prompt, max_tokens, stops, cancel, add_special, params)
+        return self._stream(prompt, max_tokens, stops, cancel, add_special, params, constraint)
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Result:
         """The whole completion at once: loops over `stream()`."""
@@ -312,6 +323,7 @@ class Model:
         cancel: threading.Event | None,
         add_special: bool,
         params: Any,
+        constraint: constrain.Constraint | None = None,
     ) -> Iterator[Chunk]:
         t_call = time.perf_counter()
         with self.lock():
@@ -332,6 +344,9 @@ class Model:
             )
             sampler = Sampler(params, self.n_vocab)
             req = Request(tokens, sampler, max_tokens, stops, cancelled)
+            if constraint is not None:
+                req.grammar = self._grammar(eng, constraint, st)
+                req.grammar_first = params.repeat_penalty != 1.0
             try:
                 for chunk in stream_tokens(eng, self._cache, req, st, t_call):
                     if chunk.finish_reason is not None:
@@ -341,9 +356,20 @@ class Model:
                     yield chunk
             finally:
                 sampler.close()
+                if req.grammar is not None:
+                    req.grammar.close()
         # The last chunk is handed out after the model is released, so a consumer that stops
         # iterating once it has the stats doesn't keep the model locked.
         yield final
+
+    def _grammar(self, eng: Engine, constraint: constrain.Constraint, st: Stats) -> Grammar:
+        st.constraint = constraint.kind
+        st.grammar_compile_s = constraint.compile_s
+        grammar = Grammar(eng.vocab, self.n_vocab, constraint.gbnf)
+        if not grammar.can_start():
+            grammar.close()
+            raise UsageError("the grammar can't match anything: it allows no first token")
+        return grammar
 
     def _prompt_tokens(self, eng: Engine, prompt: str | Sequence[int], add_special: bool):
         if isinstance(prompt, str):

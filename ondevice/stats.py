@@ -120,6 +120,11 @@ class Stats:
       threads             threads used for generation.
       finish_reason       "stop" (end-of-generation token or stop string), "length"
                           (max_tokens or the context ran out) or "cancelled".
+    Constrained generation (grammar=, json_schema=, response_format=):
+      constraint          "", "grammar", "json_schema" or "json_object".
+      grammar_compile_s   seconds to turn the schema into a grammar (0 when cached).
+      grammar_resamples   tokens the chain chose that the grammar refused, so the chain chose
+                          again among the allowed ones (the cost of the constraint).
     """
 
     prompt_tokens: int = 0
@@ -138,6 +143,9 @@ class Stats:
     threads: int = 0
     n_ctx: int = 0
     finish_reason: str = "stop"
+    constraint: str = ""
+    grammar_compile_s: float = 0.0
+    grammar_resamples: int = 0
     # Extra, structured notes (a GPU fallback warning, a dropped chat turn...).
     notes: list[str] = field(default_factory=list)
 

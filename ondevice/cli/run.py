@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 import ondevice
+from ondevice import constrain
 from ondevice.cli.options import load_kwargs, load_options, sampling_kwargs, sampling_options
 from ondevice.errors import UsageError
 
@@ -41,6 +43,24 @@ def read_stdin() -> str:
     help='Print {"text": ..., "stats": {...}} instead of streaming.',
 )
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "text"]),
+    default="text",
+    show_default=True,
+    help="json: the reply is always one JSON object.",
+)
+@click.option(
+    "--json-schema",
+    type=click.Path(dir_okay=False),
+    help="A JSON schema file: the reply always validates against it.",
+)
+@click.option(
+    "--grammar",
+    type=click.Path(dir_okay=False),
+    help="A GBNF grammar file (llama.cpp's format): the reply always matches it.",
+)
+@click.option(
     "--stats/--no-stats",
     "show_stats",
     default=False,
@@ -51,6 +71,9 @@ def run(
     prompt: str | None,
     as_json: bool,
     show_stats: bool,
+    fmt: str,
+    json_schema: str | None,
+    grammar: str | None,
     max_tokens: int,
     stop: tuple[str, ...],
     **params,
@@ -61,7 +84,14 @@ def run(
     Examples:
       ondevice run demo "The capital of France is" --temperature 0
       echo "Once upon a time" | ondevice run demo -n 64 --json
+      ondevice run demo "A person as JSON:" --json-schema person.json
     """
+    specs = [s for s in (json_schema, grammar, "json" if fmt == "json" else None) if s]
+    if len(specs) > 1:
+        raise UsageError("give one of --format json, --json-schema and --grammar")
+    constraint = constrain.stream_kwargs(specs[0]) if specs else {}
+    if grammar and constraint.get("json_schema") is not None:
+        constraint = {"grammar": Path(grammar).read_text(encoding="utf-8")}
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt given", hint="pass PROMPT or pipe text on stdin")
@@ -69,7 +99,9 @@ def run(
     if not prompt:
         raise UsageError("the prompt is empty", hint="pass a non-empty PROMPT")
     with ondevice.load(model, **load_kwargs(params)) as m:
-        stream = m.stream(prompt, max_tokens=max_tokens, stop=list(stop), **sampling_kwargs(params))
+        stream = m.stream(
+            prompt, max_tokens=max_tokens, stop=list(stop), **constraint, **sampling_kwargs(params)
+        )
         if as_json:
             parts, final = [], None
             for chunk in stream:
