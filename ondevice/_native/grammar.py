@@ -29,12 +29,24 @@ from ondevice.errors import UsageError
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 
+# The binding's port (0.3.x) lets a JSON string hold raw control characters (`[^"\\]`), which
+# JSON forbids (json.loads refuses "a\nb" written raw); llama.cpp's own converter excludes them.
+_LAX_CHAR = 'char ::= [^"\\\\] |'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
 def schema_to_gbnf(schema: dict[str, Any]) -> str:
     """GBNF for a JSON schema, by the converter llama-cpp-python ships (a port of llama.cpp's
-    json-schema-to-grammar). Raises whatever it raises; callers bound and translate it."""
+    json-schema-to-grammar), with its string character rule made JSON's (no raw control
+    characters, as llama.cpp's converter has it). Raises whatever the converter raises; callers
+    bound and translate it."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # the binding's pure-Python part
 
-    return json_schema_to_gbnf(json.dumps(schema))
+    gbnf = json_schema_to_gbnf(json.dumps(schema))
+    return "\n".join(
+        _STRICT_CHAR + line[len(_LAX_CHAR) :] if line.startswith(_LAX_CHAR) else line
+        for line in gbnf.split("\n")
+    )
 
 
 class Grammar:
