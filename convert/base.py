@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 from ondevice.convert import quants
 from ondevice.convert.safetensors_source import FLOAT_DTYPES, Checkpoint, TensorRef
-from ondevice.convert.tokenizer import Vocab, llama_cpp_name, load_vocab
+from ondevice.convert.tokenizer import llama_cpp_name, load_vocab
 
 from ondevice.errors import ConversionError
 
@@ -154,9 +154,6 @@ class Architecture:
         """Tensors computed from the config rather than read (rope frequency factors), by
         GGUF name; written as F32."""
         return {}
-
-    def check_vocab(self, vocab: Vocab) -> None:
-        """A last look at the tokenizer with the model (e.g. that the ids it names exist)."""
 
 
 def rotary_row_order(n_rows: int, n_heads: int) -> np.ndarray:
@@ -324,7 +321,6 @@ def convert_folder(
         pre_names=arch.pre_names,
         add_bos=arch.add_bos,
     )
-    arch.check_vocab(vocab)
     with Checkpoint.open(folder) as ckpt:
         plan = plan_tensors(arch, ckpt, qtype)
         writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch.model_arch])
@@ -400,6 +396,8 @@ def _write_tensor_data(
                 if ref is None:  # computed from the config
                     assert t.data is not None
                     _write_all(fd, t.data)
+                    if bar:
+                        bar.update(t.nbytes)
                 elif _SAME_BYTES[ref.dtype] == t.qtype and t.perm_heads is None:
                     _copy_range(ref.file.fd, ref.offset, ref.nbytes, fd)
                     if bar:
