@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ondevice.convert import phi2 as _phi2  # noqa: F401  (registers PhiForCausalLM)
+# each module registers its architectures by their Hugging Face names
+from ondevice.convert import llama as _llama  # noqa: F401  (LlamaForCausalLM, MistralForCausalLM)
+from ondevice.convert import phi2 as _phi2  # noqa: F401  (PhiForCausalLM)
+from ondevice.convert import phi3 as _phi3  # noqa: F401  (Phi3ForCausalLM)
+from ondevice.convert import qwen2 as _qwen2  # noqa: F401  (Qwen2ForCausalLM)
 from ondevice.convert.base import (
     OUTTYPES,
     SUPPORTED,
@@ -37,12 +41,14 @@ def convert(
     revision: str | None = None,
     force: bool = False,
     progress: bool | None = None,
+    vocab_pre: str | None = None,
 ) -> Path:
     """Convert a model folder or hub repo id to a GGUF file at `out`; returns `out`.
 
     `outtype` is f32, f16, bf16 or q8_0 (matrices; norms and biases stay f32). `out` appears
     only when the conversion succeeded; an existing `out` is replaced only with `force`.
-    `progress` shows a bar on stderr (None: only when stderr is a terminal).
+    `progress` shows a bar on stderr (None: only when stderr is a terminal). `vocab_pre`
+    names llama.cpp's pre-tokenizer for a byte-level BPE tokenizer that can't be identified.
     Raises `ondevice.errors.ConversionError` (or `DownloadError`) on any problem.
     """
     out_path = Path(out).expanduser()
@@ -50,5 +56,11 @@ def convert(
     check_output_path(out_path, force)
     folder, name = resolve_source(src, revision)
     return _convert_folder(
-        folder, out_path, outtype=outtype, name=name, force=force, progress=progress
+        folder,
+        out_path,
+        outtype=outtype,
+        name=name,
+        force=force,
+        progress=progress,
+        vocab_pre=vocab_pre,
     )

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 from ondevice.convert import quants
 from ondevice.convert.safetensors_source import FLOAT_DTYPES, Checkpoint, TensorRef
-from ondevice.convert.tokenizer import load_bpe_vocab
+from ondevice.convert.tokenizer import llama_cpp_name, load_vocab
 
 from ondevice import paths
 from ondevice.errors import ConversionError
@@ -117,8 +117,11 @@ class Architecture:
     """Base of the per-architecture converters; subclasses are a few dozen lines."""
 
     model_arch: ClassVar[gguf.MODEL_ARCH]
-    tokenizer_pre: ClassVar[str]  # llama.cpp's name for the pre-tokenizer
-    add_bos: ClassVar[bool] = False
+    # the pre-tokenizer is identified from the tokenizer (see pretokenizer); where llama.cpp
+    # has another name for the same splitting with this architecture: identified -> written
+    pre_names: ClassVar[Mapping[str, str]] = {}
+    # whether llama.cpp adds BOS; None: as the tokenizer's configuration says
+    add_bos: ClassVar[bool | None] = None
     # per block, groups of kinds of which exactly one must be present (fused QKV or Q, K, V)
     alternatives: ClassVar[tuple[frozenset[gguf.MODEL_TENSOR], ...]] = ()
     # non-weights some checkpoints carry (recomputed by every runtime)
@@ -126,6 +129,8 @@ class Architecture:
 
     n_blocks: int
     vocab_size: int
+    # kinds the checkpoint may lack (the output matrix of a model with tied embeddings)
+    optional: frozenset[gguf.MODEL_TENSOR] = frozenset()
 
     def __init__(self, hparams: HParams) -> None:
         self.hparams = hparams
@@ -141,15 +146,44 @@ class Architecture:
     def shapes(self) -> Shapes:
         raise NotImplementedError
 
+    def permuted_heads(self, kind: gguf.MODEL_TENSOR) -> int | None:
+        """For a tensor whose rows llama.cpp wants in another order: the number of heads its
+        rows form (see `rotary_row_order`); None to write the rows as they are."""
+        return None
+
+    def extra_tensors(self) -> dict[str, np.ndarray]:
+        """Tensors computed from the config rather than read (rope frequency factors), by
+        GGUF name; written as F32."""
+        return {}
+
+
+def rotary_row_order(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order llama.cpp's `llama` architecture wants for Q and K (a permutation of 0..n_rows).
+
+    Hugging Face rotates the two halves of each head's vector (dims i and i + d/2 form a pair);
+    llama.cpp's "normal" rope pairs neighbours (2i, 2i + 1), as the original Llama weights were
+    laid out. Within each head, output row 2i + j is input row j * d/2 + i.
+    """
+    head_dim = n_rows // n_heads
+    one = np.arange(head_dim).reshape(2, head_dim // 2).T.reshape(-1)
+    return (np.arange(n_heads)[:, None] * head_dim + one[None, :]).reshape(-1)
+
 
 @dataclass
 class PlannedTensor:
-    """One GGUF tensor: its name, type and size, and the checkpoint tensor it comes from."""
+    """One GGUF tensor: its name, type and size, and where its values come from: a checkpoint
+    tensor (rows reordered when `perm_heads` is set) or, for computed tensors, `data`."""
 
     name: str
-    source: TensorRef
+    source: TensorRef | None
     qtype: gguf.GGMLQuantizationType
     nbytes: int
+    perm_heads: int | None = None
+    data: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape if self.source is not None else tuple(self.data.shape)  # type: ignore[union-attr]
 
 
 def plan_tensors(
@@ -188,7 +222,12 @@ def plan_tensors(
             raise ConversionError(
                 f"tensor {ref.name} has dtype {ref.dtype}; only F32, F16 and BF16 are read"
             )
-        found[name] = PlannedTensor(name, ref, *_target(name, ref, qtype))
+        heads = arch.permuted_heads(kind)
+        if heads is not None and (ref.shape[0] % heads or (ref.shape[0] // heads) % 2):
+            raise ConversionError(
+                f"tensor {ref.name} has {ref.shape[0]} rows, not {heads} heads of an even size"
+            )
+        found[name] = PlannedTensor(name, ref, *_target(name, ref, qtype), perm_heads=heads)
         match = re.match(r"blk\.(\d+)\.", name)
         kinds.setdefault((int(match.group(1)) if match else None, kind), set()).add(part)
     if unmapped:
@@ -198,7 +237,11 @@ def plan_tensors(
             hint="is the config's num_hidden_layers right, and is this really that architecture?",
         )
     _check_complete(arch, shapes, kinds)
-    return list(found.values())
+    extra = []
+    for name, values in arch.extra_tensors().items():
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        extra.append(PlannedTensor(name, None, Q.F32, data.nbytes, data=data))
+    return extra + list(found.values())
 
 
 def _target(
@@ -237,7 +280,7 @@ def _check_complete(
 
     for kind in shapes:
         per_block = "{bid}" in gguf.TENSOR_NAMES[kind]
-        if kind in alternative_kinds:
+        if kind in alternative_kinds or kind in arch.optional:
             continue
         for bid in range(arch.n_blocks) if per_block else [None]:
             need(bid, kind)
@@ -264,45 +307,35 @@ def convert_folder(
     name: str | None = None,
     force: bool = False,
     progress: bool | None = None,
+    vocab_pre: str | None = None,
 ) -> Path:
     """Convert a local Hugging Face model folder; see `ondevice.convert.convert`."""
     check_outtype(outtype)
     qtype, ftype = OUTTYPES[outtype]
     check_output_path(out, force)
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(
-            f"{folder} has no config.json; is it a Hugging Face model folder?"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{config_path}: can't read: {exc}") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_path}: not a JSON object")
-    names = config.get("architectures") or []
-    cls = next((SUPPORTED[n] for n in names if isinstance(n, str) and n in SUPPORTED), None)
-    if cls is None:
-        raise ConversionError(
-            f"unsupported architecture {', '.join(map(str, names)) or '(none in config.json)'}; "
-            f"supported: {', '.join(sorted(SUPPORTED))}"
-        )
-    arch = cls(HParams(config, config_path))
-
-    vocab = load_bpe_vocab(folder, arch.vocab_size, config)
+    arch = _architecture(folder)
+    vocab = load_vocab(
+        folder,
+        arch.vocab_size,
+        arch.hparams.config,
+        pre=vocab_pre,
+        pre_names=arch.pre_names,
+        add_bos=arch.add_bos,
+    )
     with Checkpoint.open(folder) as ckpt:
         plan = plan_tensors(arch, ckpt, qtype)
         writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch.model_arch])
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or folder.resolve().name)
+        writer.add_name(llama_cpp_name(name or folder.resolve().name, vocab))
         arch.write_hparams(writer)
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.write(writer, pre=arch.tokenizer_pre, add_bos=arch.add_bos)
+        vocab.write(writer)
         for t in plan:
-            shape = t.source.shape
             # the writer takes numpy (row-major) shapes and reverses them into GGML order
-            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            writer.add_tensor_info(
+                t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype
+            )
         with atomic_output(out, force) as tmp:
             try:
                 writer.write_header_to_file(tmp)
@@ -321,6 +354,30 @@ def convert_folder(
     return out
 
 
+def _architecture(folder: Path) -> Architecture:
+    """The registered converter for the folder's config.json, with the config read."""
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(
+            f"{folder} has no config.json; is it a Hugging Face model folder?"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{config_path}: can't read: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object")
+    names = config.get("architectures") or []
+    names = names if isinstance(names, list) else [names]
+    cls = next((SUPPORTED[n] for n in names if isinstance(n, str) and n in SUPPORTED), None)
+    if cls is None:
+        raise ConversionError(
+            f"unsupported architecture {', '.join(map(str, names)) or '(none in config.json)'}; "
+            f"supported: {', '.join(sorted(SUPPORTED))}"
+        )
+    return cls(HParams(config, config_path))
+
+
 def _write_tensor_data(
     fd: int, plan: list[PlannedTensor], alignment: int, progress: bool | None
 ) -> None:
@@ -337,7 +394,12 @@ def _write_tensor_data(
                         f"{t.name}: at data offset {pos - data_start}, expected {offset}"
                     )
                 ref = t.source
-                if _SAME_BYTES[ref.dtype] == t.qtype:
+                if ref is None:  # computed from the config
+                    assert t.data is not None
+                    _write_all(fd, t.data)
+                    if bar:
+                        bar.update(t.nbytes)
+                elif _SAME_BYTES[ref.dtype] == t.qtype and t.perm_heads is None:
                     _copy_range(ref.file.fd, ref.offset, ref.nbytes, fd)
                     if bar:
                         bar.update(ref.nbytes)
@@ -364,14 +426,26 @@ def _encoded_chunks(
     flight, and the source pages of each block are unmapped once it is written.
     """
     ref = t.source
+    assert ref is not None
     src = ref.file.array(ref)
-    rows = src.reshape(-1, src.shape[-1]) if src.ndim > 1 else src.reshape(1, -1)
+    if src.ndim > 1:
+        rows = src.reshape(-1, src.shape[-1])
+    else:  # a vector: one row, or one element per row when its elements are reordered
+        rows = src.reshape(1, -1) if t.perm_heads is None else src.reshape(-1, 1)
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    order = None
+    if t.perm_heads is not None:
+        # whole heads per block, so each block is reordered on its own
+        head = rows.shape[0] // t.perm_heads
+        step = max(head, step - step % head)
+        order = rotary_row_order(rows.shape[0], t.perm_heads)
     row_bytes = rows.shape[1] * src.itemsize
     pending: deque[tuple[Future[np.ndarray], int, int]] = deque()
     for start in range(0, rows.shape[0], step):
         block = rows[start : start + step]
-        pending.append((pool.submit(_encode, block, ref.dtype, t.qtype), start, block.shape[0]))
+        picks = None if order is None else order[start : start + step] - start
+        job = pool.submit(_encode, block, ref.dtype, t.qtype, picks)
+        pending.append((job, start, block.shape[0]))
         if len(pending) > workers:
             yield _finish(ref, *pending.popleft(), row_bytes)
     while pending:
@@ -386,7 +460,14 @@ def _finish(
     return out
 
 
-def _encode(block: np.ndarray, src_dtype: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def _encode(
+    block: np.ndarray,
+    src_dtype: str,
+    qtype: gguf.GGMLQuantizationType,
+    picks: np.ndarray | None = None,
+) -> np.ndarray:
+    if picks is not None:  # rows in another order (a copy, made on this worker thread)
+        block = block[picks]
     if src_dtype == "BF16":  # bf16 is the top half of an f32
         f32 = (block.astype(np.uint32) << 16).view(np.float32)
     else:

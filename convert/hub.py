@@ -2,7 +2,8 @@
 huggingface-hub into its standard cache (so a second run downloads nothing and
 `HF_HUB_OFFLINE=1` works).
 
-Only the files a conversion reads are fetched: config, tokenizer and safetensors. Pickle
+Only the files a conversion reads are fetched: config, tokenizer (tokenizer.json or a
+SentencePiece tokenizer.model, its configuration and chat template) and safetensors. Pickle
 checkpoints (`pytorch_model.bin`) are never downloaded, let alone loaded.
 """
 
@@ -19,7 +20,9 @@ logger = logging.getLogger(__name__)
 ALLOW_PATTERNS = [
     "config.json",
     "tokenizer.json",
+    "tokenizer.model",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",

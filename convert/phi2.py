@@ -16,7 +16,7 @@ T = gguf.MODEL_TENSOR
 @register("PhiForCausalLM")
 class Phi2(Architecture):
     model_arch = gguf.MODEL_ARCH.PHI2
-    tokenizer_pre = "phi-2"
+    pre_names = {"gpt-2": "phi-2"}  # GPT-2's splitting; llama.cpp's name for it with Phi-2
     add_bos = False
     alternatives = (frozenset({T.ATTN_QKV}), frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}))
 

@@ -173,9 +173,11 @@ def test_pickle_beside_safetensors_is_ignored(model, out_dir, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(model, out_dir):
-    edit_config(model, architectures=["LlamaForCausalLM"])
-    err = refuse(model, out_dir, "unsupported architecture LlamaForCausalLM")
-    assert "PhiForCausalLM" in str(err)
+    edit_config(model, architectures=["GemmaForCausalLM"])
+    err = refuse(model, out_dir, "unsupported architecture GemmaForCausalLM")
+    for name in ("PhiForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                 "Phi3ForCausalLM"):  # fmt: skip
+        assert name in str(err)
     edit_config(model, architectures=...)
     refuse(model, out_dir, "none in config.json")
 
@@ -283,13 +285,14 @@ def test_missing_or_unsupported_tokenizer(pristine, model, out_dir):
     refuse(model, out_dir, "has no tokenizer")
     shutil.copy(pristine / "tokenizer.json", model / "tokenizer.json")
     tok = json.loads((model / "tokenizer.json").read_text())
-    tok["normalizer"] = {"type": "NFC"}
+    tok["normalizer"] = {"type": "Lowercase"}
     (model / "tokenizer.json").write_text(json.dumps(tok))
-    refuse(model, out_dir, "normalizer")
+    refuse(model, out_dir, "Lowercase normalizer")
     tok["normalizer"] = None
     tok["pre_tokenizer"]["add_prefix_space"] = True
     (model / "tokenizer.json").write_text(json.dumps(tok))
     refuse(model, out_dir, "pre-tokenizer")
+    assert "--vocab-pre" in str(refuse(model, out_dir, "pre-tokenizer").hint)
 
 
 def test_tokenizer_larger_than_embedding(model, out_dir):

@@ -230,6 +230,55 @@ def test_killed_pull_leaves_no_entry_and_resumes(tiny_phi2, hub, env):
     assert not [p for p in blobs(env) if p.name.endswith(".incomplete")]
 
 
+# -- Llama- and Qwen2-shaped repos -----------------------------------------------------------
+
+# name -> (family, tokenizer, options): TinyLlama-like (SentencePiece tokenizer.model, Llama 2
+# template) and Qwen2.5-like (byte-level BPE, tied embeddings, q/k/v biases, the template in
+# chat_template.jinja as newer repos ship it)
+FAMILY_REPOS = {
+    "tiny-org/TinyLlama-Chat": ("llama", "llama2", {"num_key_value_heads": 2}, "</s>"),
+    "tiny-org/Qwen2.5-Instruct": (
+        "qwen2", "qwen2", {"num_key_value_heads": 2, "tie_word_embeddings": True}, "<|im_end|>"
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("repo_id", FAMILY_REPOS)
+def test_pull_llama_and_qwen2_shaped_repos(repo_id, hub, env, tmp_path):
+    from family_fixtures import build
+
+    from ondevice import chat_formats
+    from ondevice import load as load_model
+
+    family, tokenizer, options, end = FAMILY_REPOS[repo_id]
+    folder = build(tmp_path / "repo", family, tokenizer=tokenizer, **options).path
+    if tokenizer == "qwen2":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "chat_template.jinja").write_text(config.pop("chat_template"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    hub.add_folder(repo_id, folder)
+    name = repo_id.split("/")[1].lower()
+    result = ondevice(env, "pull", repo_id, "--quant", "Q8_0", "--name", name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{name}:Q8_0\n"
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.file_gets()}
+    wanted = {"tokenizer.model"} if tokenizer == "llama2" else {"chat_template.jinja"}
+    assert wanted | {"config.json", "tokenizer.json", "model.safetensors"} <= fetched
+    entry = store.find(f"{name}:Q8_0")
+    assert entry is not None and entry.manifest["file_type"] == "Q8_0"
+    with load_model(entry.path, n_ctx=256, threads=2, tune=False) as m:
+        assert m.architecture == family
+        fmt = chat_formats.for_model(m)
+        assert fmt.source == "gguf"  # the repo's own template, not a built-in guess
+        assert end in fmt.render(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+        )
+        (token,) = m.engine.tokenize(end, add_special=False, parse_special=True)
+        assert m.engine.is_eog(token)  # a reply stops at the template's end-of-turn token
+        chunks = list(m.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0))
+        assert chunks[-1].stats.completion_tokens <= 4
+
+
 # -- downloads that don't match the listing --------------------------------------------------
 
 

@@ -31,23 +31,36 @@ OUTTYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")
 )
 @click.option("--revision", default=None, help="Hub branch, tag or commit (hub repos only).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(src: str, out: Path, outtype: str, revision: str | None, force: bool) -> None:
+@click.option(
+    "--vocab-pre",
+    metavar="NAME",
+    default=None,
+    help="llama.cpp's pre-tokenizer name for a BPE tokenizer it can't identify (e.g. llama-bpe, "
+    "qwen2, smollm, gpt-4o, gpt-2).",
+)
+def convert(
+    src: str, out: Path, outtype: str, revision: str | None, force: bool, vocab_pre: str | None
+) -> None:
     """Convert SRC, a local model folder or a hub repo id, to a GGUF file.
 
-    Only safetensors are read (pickle checkpoints are refused). OUT appears only once the
-    conversion has finished; a progress bar shows on a terminal.
+    Architectures: Llama (Llama 2/3.x, SmolLM2, TinyLlama), Mistral, Qwen2/2.5, Phi-2, Phi-3/3.5
+    and Phi-4-mini. Only safetensors are read (pickle checkpoints are refused). OUT appears only
+    once the conversion has finished; a progress bar shows on a terminal.
 
     \b
     Examples:
       ondevice convert microsoft/phi-2 -o phi-2-f16.gguf
-      ondevice convert ./my-phi2-finetune -o ft-q8.gguf --outtype q8_0
+      ondevice convert Qwen/Qwen2.5-0.5B-Instruct -o qwen.gguf --outtype q8_0
+      ondevice convert ./my-llama-finetune -o ft-f16.gguf
     """
     from ondevice.convert import (
         convert as convert_model,  # the converter (gguf-py, safetensors): not for --help
     )
 
     with _sigterm_as_interrupt():
-        path = convert_model(src, out, outtype=outtype.lower(), revision=revision, force=force)
+        path = convert_model(
+            src, out, outtype=outtype.lower(), revision=revision, force=force, vocab_pre=vocab_pre
+        )
     click.echo(str(path))
 
 
