@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from ondevice.convert.tokenizer import Vocab, added_tokens, check_size
+from ondevice.convert.vocab import Vocab, added_tokens, check_size
 
 from ondevice.errors import ConversionError
 

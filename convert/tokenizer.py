@@ -18,12 +18,12 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
-from ondevice.convert import pretokenizer
+from ondevice.convert import pretokenizer, spm
+from ondevice.convert.vocab import Vocab, added_tokens, check_size
 
 from ondevice.errors import ConversionError
 
@@ -32,51 +32,6 @@ logger = logging.getLogger(__name__)
 # Tokens llama.cpp looks up by text when a model's name says Phi-3 (it fails to load without).
 PHI3_RULE_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
 _PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
-
-
-@dataclass
-class Vocab:
-    """A vocabulary in the form llama.cpp stores it."""
-
-    model: str  # llama.cpp's tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str  # llama.cpp's pre-tokenizer name ("default" for SentencePiece)
-    tokens: list[str]
-    types: list[int]
-    merges: list[str] = field(default_factory=list)
-    scores: list[float] | None = None
-    special_ids: dict[str, int] = field(default_factory=dict)  # "bos"/"eos"/"unk"/"pad" -> id
-    add_bos: bool = False
-    add_eos: bool | None = None
-    add_space_prefix: bool | None = None
-    chat_template: str | list[dict[str, str]] | None = None
-    n_real: int = 0  # tokens the tokenizer defines; the rest are padding
-    # special tokens that swallow the whitespace after them (Phi-3's `rstrip`), see llama_cpp_name
-    rstrip_specials: bool = False
-
-    def write(self, writer: gguf.GGUFWriter) -> None:
-        writer.add_tokenizer_model(self.model)
-        writer.add_tokenizer_pre(self.pre)
-        writer.add_token_list(self.tokens)
-        if self.scores is not None:
-            writer.add_token_scores(self.scores)
-        writer.add_token_types(self.types)
-        if self.merges:
-            writer.add_token_merges(self.merges)
-        setters = {
-            "bos": writer.add_bos_token_id,
-            "eos": writer.add_eos_token_id,
-            "unk": writer.add_unk_token_id,
-            "pad": writer.add_pad_token_id,
-        }
-        for role, token_id in self.special_ids.items():
-            setters[role](token_id)
-        writer.add_add_bos_token(self.add_bos)
-        if self.add_eos is not None:
-            writer.add_add_eos_token(self.add_eos)
-        if self.add_space_prefix is not None:
-            writer.add_add_space_prefix(self.add_space_prefix)
-        if self.chat_template:
-            writer.add_chat_template(self.chat_template)
 
 
 def load_vocab(
@@ -105,8 +60,6 @@ def load_vocab(
         found = pre or pretokenizer.identify(tok_json, data, text or "")
         vocab.pre = found if pre else rename.get(found, found)
     elif (folder / "tokenizer.model").is_file():
-        from ondevice.convert import spm
-
         vocab = spm.load_spm_vocab(folder, vocab_size, data, tok_config)
     elif data is not None:
         model = data.get("model") if isinstance(data.get("model"), dict) else {}
@@ -199,13 +152,6 @@ def _bpe(
     return Vocab("gpt2", "", tokens, [int(t) for t in types], merges=merges, n_real=n_real)
 
 
-def check_size(n_real: int, vocab_size: int) -> None:
-    if n_real > vocab_size:
-        raise ConversionError(
-            f"the tokenizer has {n_real} tokens but the model's embedding has only {vocab_size} rows"
-        )
-
-
 def _read_tokenizer_json(path: Path) -> tuple[str | None, dict[str, Any] | None]:
     if not path.is_file():
         return None, None
@@ -244,21 +190,6 @@ def _from_tokenizer_json(
         else:
             raise ConversionError(f"{path}: invalid merge {merge!r}")
     return vocab, merges, added_tokens(path, data)
-
-
-def added_tokens(path: Path, data: dict[str, Any] | None) -> dict[int, tuple[str, bool]]:
-    """tokenizer.json's added tokens: id -> (text, special)."""
-    added: dict[int, tuple[str, bool]] = {}
-    for tok in (data or {}).get("added_tokens") or []:
-        if not (
-            isinstance(tok, dict)
-            and isinstance(tok.get("id"), int)
-            and tok["id"] >= 0
-            and isinstance(tok.get("content"), str)
-        ):
-            raise ConversionError(f"{path}: invalid added token {tok!r}")
-        added[tok["id"]] = (tok["content"], bool(tok.get("special")))
-    return added
 
 
 def _from_vocab_merges(

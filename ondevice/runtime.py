@@ -212,6 +212,13 @@ class Model:
         with self.lock():
             return self._live_engine().detokenize(list(tokens), special=special)
 
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (end of text, end of turn...)."""
+        with self.lock():
+            eng = self._live_engine()
+            eng.check_tokens([token])
+            return eng.is_eog(token)
+
     def token_bytes(self, tokens: Sequence[int], *, special: bool = True) -> list[bytes]:
         """Each token's bytes (a token may hold part of a UTF-8 character)."""
         with self.lock():

@@ -1,4 +1,4 @@
-"""llama.cpp (through ondevice.load and the model's engine) against transformers, for the
+"""llama.cpp (through ondevice.load, Model.score and Model.raw) against transformers, for the
 converter's proofs: every position's logits, greedy continuations, and token ids.
 
 The llama.cpp side runs with an f32 KV cache: the default f16 cache alone moves logits by about
@@ -24,21 +24,19 @@ def load_f32(path: Path, n_ctx: int = 256) -> Iterator[Any]:
 
 
 def llama_logits(model: Any, ids: list[int]) -> np.ndarray:
-    eng = model.engine
-    eng.kv_clear()
-    return eng.decode_all_logits(ids)
+    return model.score(ids)
 
 
 def llama_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     """llama.cpp's own incremental decoding (KV cache), greedy."""
-    eng = model.engine
-    eng.kv_clear()
-    eng.decode(ids)
-    out = []
-    for _ in range(n):
-        token = int(np.argmax(eng.logits_last()))
-        out.append(token)
-        eng.decode_one(token)
+    with model.raw() as eng:
+        eng.kv_clear()
+        eng.decode(ids)
+        out = []
+        for _ in range(n):
+            token = int(np.argmax(eng.logits_last()))
+            out.append(token)
+            eng.decode_one(token)
     return out
 
 

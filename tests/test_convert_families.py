@@ -210,7 +210,7 @@ def test_bpe_token_ids_match_hf(style, converted, hf_tokenizers):
     hf = hf_tokenizers[name]
     differ = []
     with load_f32(converted(name)) as m:
-        eng = m.engine
+        eng = m
         for text in TOKENIZER_STRINGS:
             want = hf(text, add_special_tokens=False).input_ids
             if eng.tokenize(text, add_special=False, parse_special=False) != want:
@@ -244,7 +244,7 @@ def test_sentencepiece_token_ids(style, tiny, converted, hf_tokenizers):
     hf = hf_tokenizers[name]
     differ = []
     with load_f32(converted(name)) as m:
-        eng = m.engine
+        eng = m
         for text in TOKENIZER_STRINGS:
             got = eng.tokenize(text, add_special=False, parse_special=False)
             assert got == sp.encode(text), text
@@ -400,8 +400,8 @@ def test_chat_uses_the_models_template_and_stops_at_its_end_token(converted):
             assert fmt.source == "gguf", name
             prompt = fmt.render([{"role": "user", "content": "Hi"}])
             assert end in prompt or name == "llama3-gqa-tied-bf16" and "<|eot_id|>" in prompt
-            (token,) = m.engine.tokenize(end, add_special=False, parse_special=True)
-            assert m.engine.is_eog(token), (name, end)
+            (token,) = m.tokenize(end, add_special=False, parse_special=True)
+            assert m.is_eog(token), (name, end)
 
 
 def test_sharded_f16_checkpoint_copies_bytes(tiny, converted):

@@ -98,9 +98,9 @@ def test_whole_text_tokenizes_as_transformers_and_the_original(
     fast = Tokenizer.from_file(str(hf_folder / "tokenizer.json"))
     assert fast.encode(TEXT, add_special_tokens=False).ids == want
     with load_f32(converted) as m:
-        assert m.engine.tokenize(TEXT, add_special=False, parse_special=False) == want
+        assert m.tokenize(TEXT, add_special=False, parse_special=False) == want
     with ondevice.load(demo_path, n_ctx=256, threads=2, tune=False) as m:
-        assert m.engine.tokenize(TEXT, add_special=False, parse_special=False) == want
+        assert m.tokenize(TEXT, add_special=False, parse_special=False) == want
     assert len(want) > 2000
 
 

@@ -273,8 +273,8 @@ def test_pull_llama_and_qwen2_shaped_repos(repo_id, hub, env, tmp_path):
         assert end in fmt.render(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
         )
-        (token,) = m.engine.tokenize(end, add_special=False, parse_special=True)
-        assert m.engine.is_eog(token)  # a reply stops at the template's end-of-turn token
+        (token,) = m.tokenize(end, add_special=False, parse_special=True)
+        assert m.is_eog(token)  # a reply stops at the template's end-of-turn token
         chunks = list(m.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0))
         assert chunks[-1].stats.completion_tokens <= 4
 
