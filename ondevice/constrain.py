@@ -122,7 +122,9 @@ def schema_constraint(schema: Mapping[str, Any]) -> Constraint:
     try:
         text = json.dumps(schema, sort_keys=True, allow_nan=False)
     except RecursionError:
-        raise UsageError(f"the JSON schema is nested too deeply (over {MAX_DEPTH} levels)") from None
+        raise UsageError(
+            f"the JSON schema is nested too deeply (over {MAX_DEPTH} levels)"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"the JSON schema is not plain JSON: {exc}") from None
     if len(text) > MAX_SCHEMA_BYTES:

@@ -9,8 +9,8 @@ import time
 
 import jsonschema
 import pytest
-
 from conftest import PYTHON
+
 from ondevice import constrain, stats
 from ondevice.errors import IncompleteOutput, UsageError
 
@@ -145,7 +145,7 @@ def test_a_reply_cut_by_max_tokens_says_its_json_is_incomplete(demo_model):
     r = demo_model.generate(PROMPT, json_schema=SCHEMAS["nested"], max_tokens=5, temperature=0)
     assert r.finish_reason == "length" and r.truncated
     with pytest.raises(IncompleteOutput, match="incomplete"):
-        r.json
+        _ = r.json
 
 
 def test_conversation_stream_and_async_take_the_constraint(demo_model):
