@@ -54,6 +54,7 @@ def load(
     on_progress: Callable[[float], Any] | None = None,
     no_fallback: bool = False,
     force: bool = False,
+    parallel: int = 1,
     omp_passive: bool = True,
     reset_peak_rss: bool = True,
 ) -> Model:
@@ -84,6 +85,9 @@ def load(
                  running on the CPU (the fallback is noted in Model.notes and Stats.notes).
     force        load even when ondevice.fit predicts the model will not fit the available
                  memory (otherwise DoesNotFit is raised before llama.cpp allocates anything).
+    parallel     sequences the context holds at once, each with n_ctx tokens of its own (the
+                 KV cache is `parallel` times larger): for batched generation
+                 (`Model.generate_many`, `ondevice.batch`, `ondevice serve --parallel`).
 
     Two process-wide settings, which an app can decline:
     omp_passive     set OMP_WAIT_POLICY=PASSIVE (unless the environment sets a policy) before
@@ -105,7 +109,12 @@ def load(
         flash_attn=flash_attn, repack=repack, use_mmap=use_mmap, n_batch=n_batch,
         n_ubatch=n_ubatch, threads=threads, kv_type=kv_type,
     )  # fmt: skip
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 256:
+        raise UsageError(f"parallel must be from 1 to 256 sequences, got {parallel!r}")
     plan = _plan(path, header, asked, n_ctx, tune, backend, gpu_layers, no_fallback)
+    if parallel > 1:
+        plan.config.n_seq_max = parallel
+        plan.config.n_ctx *= parallel  # llama.cpp splits the context between the sequences
     if not force and plan.placement.n_gpu_layers == 0:
         _check_memory(header, plan)
     if reset_peak_rss:
@@ -263,7 +272,7 @@ def _warm_up(eng: Engine) -> None:
 
 def _model(path: Path, header: GGUFHeader, eng: Engine, plan: _Plan, load_s: float) -> Model:
     """Step 9: the Model, with where it runs and which settings are in force."""
-    kv_bytes = fit.kv_cache_bytes(header, eng.n_ctx, plan.config.type_k)
+    kv_bytes = fit.kv_cache_bytes(header, plan.config.n_ctx, plan.config.type_k)
     m = Model(path, header, eng, plan.placement, load_s, plan.config.threads, kv_bytes)
     m.device = backends.describe(plan.placement, m.offloaded)
     notes = list(plan.notes)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ondevice import app, constrain, conversation
+from ondevice import app, batch, constrain, conversation
 from ondevice._native.engine import Engine, EngineConfig, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice._native.log import offloaded_layers
@@ -321,6 +321,13 @@ class Model:
             if chunk.stats is not None:
                 final = chunk.stats
         return Result("".join(parts), tokens, final)
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]], **kwargs: Any) -> list[Result]:
+        """A reply to each prompt, generated together: every step is one llama_decode for all
+        of them (continuous batching, `ondevice.batch`), on the `parallel` sequences the model
+        was loaded with (`ondevice.load(..., parallel=N)`; with 1, one after another).
+        Keywords as for `stream()` (max_tokens, stop, sampling, grammar/json_schema)."""
+        return batch.generate_many(self, prompts, **kwargs)
 
     def _stream(
         self,

@@ -103,6 +103,48 @@ class Sampler:
         self.close()
 
 
+class Batch:
+    """A reusable llama_batch: up to `capacity` tokens, each in one sequence, each with or
+    without its logits. Filled with `add()`, evaluated by `Engine.decode_batch()`; the index
+    of a token in the batch is where its logits are (`Engine.sample(sampler, index)`)."""
+
+    def __init__(self, capacity: int) -> None:
+        L = llama()
+        self._L = L
+        self.capacity = capacity
+        self._b = L.llama_batch_init(capacity, 0, 1)
+        self._token = np.ctypeslib.as_array(self._b.token, shape=(capacity,))
+        self._pos = np.ctypeslib.as_array(self._b.pos, shape=(capacity,))
+        self._n_seq = np.ctypeslib.as_array(self._b.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(self._b.logits, shape=(capacity,))
+        self._seq = [self._b.seq_id[i] for i in range(capacity)]
+        self._n_seq[:] = 1
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch."""
+        i = self.n
+        if i >= self.capacity:
+            raise GenerationError(f"a batch holds at most {self.capacity} tokens")
+        self._token[i] = token
+        self._pos[i] = pos
+        self._seq[i][0] = seq
+        self._logits[i] = 1 if logits else 0
+        self.n = i + 1
+        return i
+
+    def free(self) -> None:
+        if getattr(self, "_b", None) is not None:
+            self._L.llama_batch_free(self._b)
+            self._b = None
+
+    def __del__(self) -> None:
+        self.free()
+
+
 class Engine:
     """A loaded model with one context. Not thread-safe by itself (Model serializes it)."""
 
@@ -128,7 +170,10 @@ class Engine:
             self.close()
             raise
         self.memory = L.llama_get_memory(self.ctx)
-        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.n_seq_max = L.llama_n_seq_max(self.ctx)
+        # Positions one sequence can hold (the whole context, or its share of it when the
+        # context holds several sequences).
+        self.n_ctx = L.llama_n_ctx_seq(self.ctx) if self.n_seq_max > 1 else L.llama_n_ctx(self.ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
@@ -340,6 +385,24 @@ class Engine:
                 L.llama_batch_free(batch)
         return out
 
+    def decode_batch(self, batch: Batch) -> None:
+        """Evaluate a Batch (several sequences, several positions each) in one llama_decode."""
+        if batch.n == 0:
+            return
+        batch._b.n_tokens = batch.n
+        rc = self._decode(self.ctx, batch._b)
+        if rc != 0:
+            raise GenerationError(
+                f"llama_decode failed with code {rc} "
+                f"({'no room in the KV cache' if rc == 1 else 'see -vv log'})"
+            )
+
+    def logits_at(self, index: int) -> np.ndarray:
+        """The logits of batch position `index` of the last decode (a view, valid until the
+        next decode)."""
+        ptr = self._L.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
     def logits_last(self) -> np.ndarray:
         """Logits of the last evaluated token (a copy)."""
         ptr = self._L.llama_get_logits_ith(self.ctx, -1)
@@ -355,6 +418,10 @@ class Engine:
 
     def kv_clear(self) -> None:
         self._L.llama_memory_clear(self.memory, True)
+
+    def kv_drop(self, seq: int) -> None:
+        """Forget everything sequence `seq` holds."""
+        self._L.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
     def kv_used(self, seq: int = 0) -> int:
         """Positions in the KV cache for a sequence (0 when empty)."""

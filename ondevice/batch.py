@@ -1,0 +1,426 @@
+"""Continuous batching: many generations on one model, every step one `llama_decode` holding the
+next token of every generating sequence plus a bounded chunk of any newly admitted prompt.
+
+    with ondevice.load("demo", parallel=4) as model:
+        results = model.generate_many(["Hi", "Tell me a joke", "2+2="], max_tokens=64)
+
+    sched = Scheduler(model)                 # what `ondevice serve` runs on
+    job = sched.submit(tokens, max_tokens=128, on_chunk=callback)
+    job.cancel()                             # frees its slot at the next step
+
+A `Scheduler` owns the model's engine (through `Model.raw()`) on one thread for its whole life.
+The context holds `parallel` sequences (the load's `parallel=`), each a *slot* with its own
+share of the KV cache, native sampler chain, grammar, detokenizer and stop strings. A new job
+goes to the free slot whose cached tokens share the longest prefix with its prompt, so a
+conversation continued by a client evaluates only its new tokens. Prompts are evaluated in
+chunks (`prefill_chunk` tokens a step while others generate), so a long prompt never stalls
+the other streams. The per-token work per sequence is what `Model.stream` does for one: one
+native sample, one piece, the stop check; the batch is built in place.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ondevice import constrain, generation
+from ondevice._native.engine import Batch, Engine, Sampler
+from ondevice._native.grammar import Grammar
+from ondevice.errors import ContextOverflow, ModelClosed, OndeviceError, UsageError
+from ondevice.results import Chunk, Result
+from ondevice.settings import MAX_TOKENS, sampling_params
+from ondevice.stats import Stats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = 64
+PREFILL_CHUNK = 128  # prompt tokens per step while other sequences generate
+
+
+class QueueFull(OndeviceError):
+    """Every slot is busy and the queue is at its bound; try again later."""
+
+
+@dataclass
+class Job:
+    """One generation request and what it has produced so far (read by its submitter)."""
+
+    id: int
+    tokens: list[int]
+    max_tokens: int
+    stops: list[str]
+    params: Any
+    constraint: constrain.Constraint | None
+    on_chunk: Callable[[Chunk], Any] | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    t_submit: float = field(default_factory=time.perf_counter)
+    result: Result | None = None
+    error: BaseException | None = None
+    slot: int | None = None  # which slot ran it (for tests and /metrics)
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Block until the job is done; its Result, or its error raised."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"job {self.id} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+@dataclass
+class _Slot:
+    """A sequence of the context and the job it runs."""
+
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens of this seq in the KV cache
+    job: Job | None = None
+    sampler: Sampler | None = None
+    grammar: Grammar | None = None
+    prefill: int = 0  # index in job.tokens of the next prompt token to evaluate
+    next_token: int | None = None  # sampled, to be evaluated next step
+    index: int = -1  # this step: the batch index of the token whose logits we sample
+    decoder: Any = None
+    pending: str = ""
+    parts: list[str] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    stats: Stats | None = None
+    t_prefill: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+    @property
+    def free(self) -> bool:
+        return self.job is None
+
+
+class Scheduler:
+    """Runs submitted jobs on `model`, `model`'s context holding `parallel` sequences."""
+
+    def __init__(
+        self, model: Any, *, max_queue: int = DEFAULT_QUEUE, prefill_chunk: int = PREFILL_CHUNK
+    ) -> None:
+        self.model = model
+        self._raw = model.raw()
+        self.eng: Engine = self._raw.__enter__()  # held until close(): the model is ours
+        self.eng.kv_clear()
+        self.slots = [_Slot(i) for i in range(self.eng.n_seq_max)]
+        self.max_queue = max_queue
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.batch = Batch(self.eng.n_batch)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.counters = collections.Counter()  # requests, prompt/generated tokens, decodes
+        self._thread = threading.Thread(target=self._run, name="ondevice-batch", daemon=True)
+        self._thread.start()
+
+    # --- the submitter's side (any thread) --------------------------------------------------
+    def submit(
+        self,
+        tokens: Sequence[int],
+        *,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        on_chunk: Callable[[Chunk], Any] | None = None,
+        grammar: str | None = None,
+        json_schema: Any = None,
+        response_format: Any = None,
+        **sampling: Any,
+    ) -> Job:
+        """Queue a generation; returns its Job at once. `on_chunk` is called on the scheduler
+        thread with each Chunk (the last one carries finish_reason and Stats)."""
+        params = sampling_params(sampling)
+        max_tokens = MAX_TOKENS.validate(max_tokens)
+        constraint = constrain.from_request(grammar, json_schema, response_format)
+        tokens = list(tokens)
+        if not tokens:
+            raise UsageError("the prompt is empty")
+        self.eng.check_tokens(tokens)
+        if len(tokens) >= self.eng.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(tokens)} tokens but a slot's context holds {self.eng.n_ctx}",
+                hint="shorten the prompt or start the server with a larger --ctx",
+            )
+        stops = [s for s in stop if s]
+        job = Job(next(self._ids), tokens, max_tokens, stops, params, constraint, on_chunk)
+        with self._cv:
+            if self._closed:
+                raise ModelClosed("the scheduler is closed")
+            busy = sum(not s.free for s in self.slots)
+            if busy == len(self.slots) and len(self._queue) >= self.max_queue:
+                raise QueueFull(
+                    f"all {len(self.slots)} slots are busy and {len(self._queue)} requests wait",
+                    hint="retry in a moment",
+                )
+            self._queue.append(job)
+            self.counters["requests"] += 1
+            self._cv.notify()
+        return job
+
+    def metrics(self) -> dict[str, int]:
+        """Busy slots, queue length, KV cells in use, and the counters (a moment's values)."""
+        with self._cv:
+            return {
+                "slots": len(self.slots),
+                "busy_slots": sum(not s.free for s in self.slots),
+                "queue_length": len(self._queue),
+                "kv_cells_used": sum(len(s.cached) for s in self.slots),
+                **self.counters,
+            }
+
+    def close(self) -> None:
+        """Cancel everything, stop the thread, give the model back. Idempotent."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            for job in self._queue:
+                job.cancel.set()
+            for s in self.slots:
+                if s.job is not None:
+                    s.job.cancel.set()
+            self._cv.notify()
+        self._thread.join(30)
+        self.batch.free()
+        self._raw.__exit__(None, None, None)
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the scheduler thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._queue and all(s.free for s in self.slots):
+                    self._cv.wait()
+                if self._closed and all(s.free for s in self.slots):
+                    break
+                self._admit()
+            try:
+                self._step()
+            except BaseException as exc:  # noqa: BLE001 - every running job learns of it
+                log.exception("batch step failed")
+                for s in self.slots:
+                    if s.job is not None:
+                        self._fail(s, exc)
+        for job in self._queue:
+            job.error = ModelClosed("the server is shutting down")
+            job.done.set()
+
+    def _admit(self) -> None:
+        """Queued jobs into free slots (the one sharing the longest prefix first)."""
+        while self._queue:
+            free = [s for s in self.slots if s.free]
+            if not free:
+                return
+            job = self._queue.popleft()
+            if job.cancel.is_set() or self._closed:
+                self._finish_unstarted(job)
+                continue
+            slot = max(free, key=lambda s: generation.common_prefix(s.cached, job.tokens))
+            try:
+                self._start(slot, job)
+            except BaseException as exc:  # noqa: BLE001 - a bad grammar: this job only
+                job.error = exc
+                job.done.set()
+                self._reset(slot)
+
+    def _start(self, slot: _Slot, job: Job) -> None:
+        eng = self.eng
+        common = generation.common_prefix(slot.cached, job.tokens)
+        if common == len(job.tokens):
+            common -= 1  # the last prompt token is evaluated again, for its logits
+        if common < len(slot.cached) and not eng.kv_keep(common, slot.seq):
+            eng.kv_drop(slot.seq)
+            common = 0
+        del slot.cached[common:]
+        slot.job, job.slot = job, slot.seq
+        slot.prefill, slot.next_token = common, None
+        slot.sampler = Sampler(job.params, eng.n_vocab)
+        slot.grammar = None
+        if job.constraint is not None:
+            slot.grammar = Grammar(eng.vocab, eng.n_vocab, job.constraint.gbnf)
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.pending, slot.parts, slot.new_tokens, slot.generated = "", [], [], []
+        slot.stats = Stats(
+            prompt_tokens=len(job.tokens), prompt_eval_tokens=len(job.tokens) - common,
+            load_s=self.model.load_s, model_bytes=self.model.model_bytes,
+            kv_bytes=self.model.kv_bytes, backend=self.model.device,
+            threads=self.model.threads, n_ctx=eng.n_ctx, notes=list(self.model.notes),
+        )  # fmt: skip
+        if job.constraint is not None:
+            slot.stats.constraint = job.constraint.kind
+            slot.stats.grammar_compile_s = job.constraint.compile_s
+        slot.t_prefill = time.perf_counter()
+
+    def _step(self) -> None:
+        """One llama_decode: every generating slot's next token, then prompt chunks."""
+        batch, eng = self.batch, self.eng
+        batch.clear()
+        for s in self.slots:
+            s.index = -1
+            if s.job is not None and s.job.cancel.is_set():
+                self._end(s, "cancelled")
+        generating = [s for s in self.slots if s.job is not None and s.next_token is not None]
+        for s in generating:
+            s.index = batch.add(s.next_token, len(s.cached), s.seq, True)
+            s.cached.append(s.next_token)
+            s.next_token = None
+        budget = batch.capacity - batch.n
+        if generating:
+            budget = min(budget, self.prefill_chunk)
+        for s in self.slots:
+            if s.job is None or s.index >= 0 or budget <= 0:
+                continue
+            todo = s.job.tokens[s.prefill : s.prefill + budget]
+            last = s.prefill + len(todo) == len(s.job.tokens)
+            for j, tok in enumerate(todo):
+                i = batch.add(tok, len(s.cached), s.seq, last and j == len(todo) - 1)
+                s.cached.append(tok)
+            s.prefill += len(todo)
+            budget -= len(todo)
+            if last:
+                s.index = i
+        if batch.n == 0:
+            return
+        eng.decode_batch(batch)
+        self.counters["decode_calls"] += 1
+        for s in self.slots:
+            if s.job is not None and s.index >= 0:
+                self._sampled(s)
+
+    def _sampled(self, s: _Slot) -> None:
+        """Sample this slot's next token from its logits at s.index, and hand out text."""
+        eng, job, st = self.eng, s.job, s.stats
+        assert job is not None and st is not None and s.sampler is not None
+        now = time.perf_counter()
+        if not s.generated:
+            st.prompt_tps = st.prompt_eval_tokens / max(now - s.t_prefill, 1e-9)
+            self.counters["prompt_tokens"] += st.prompt_eval_tokens
+            s.sampler.accept(job.tokens)
+        if s.grammar is None:
+            tok = eng.sample(s.sampler, s.index)
+        else:
+            tok = self._constrained(s)
+        s.t_last = time.perf_counter()
+        if not s.generated:
+            s.t_first = s.t_last
+            st.ttft_s = s.t_first - job.t_submit
+        s.generated.append(tok)
+        self.counters["generated_tokens"] += 1
+        if eng.is_eog(tok):
+            return self._end(s, "stop")
+        s.new_tokens.append(tok)
+        s.pending += s.decoder.decode(eng.piece(tok))
+        if self._emit_text(s):
+            return self._end(s, "stop")
+        if len(s.generated) >= job.max_tokens >= 0 or len(s.cached) + 1 >= eng.n_ctx:
+            return self._end(s, "length")
+        s.next_token = tok
+
+    def _constrained(self, s: _Slot) -> int:
+        eng, grammar, st = self.eng, s.grammar, s.stats
+        assert grammar is not None and s.sampler is not None and st is not None
+        tok = eng.sample(s.sampler, s.index)
+        if not grammar.allows(tok):
+            st.grammar_resamples += 1
+            tok = grammar.resample(eng.ctx, s.sampler._ptr, s.index)
+        if not eng.is_eog(tok):
+            grammar.accept(tok)
+        return tok
+
+    def _emit_text(self, s: _Slot) -> bool:
+        """Hand out the text that can't start a stop string; True when a stop string ended."""
+        job = s.job
+        assert job is not None
+        if job.stops:
+            cut = generation.find_stop(s.pending, job.stops)
+            if cut is not None:
+                s.pending = s.pending[:cut]
+                return True
+            hold = max(len(x) for x in job.stops) - 1
+            safe = generation.safe_prefix(s.pending, job.stops, hold)
+        else:
+            safe = len(s.pending)
+        if safe:
+            chunk = Chunk(s.pending[:safe], tuple(s.new_tokens))
+            s.parts.append(chunk.text)
+            s.pending, s.new_tokens = s.pending[safe:], []
+            self._deliver(job, chunk)
+        return False
+
+    def _end(self, s: _Slot, reason: str) -> None:
+        job, st = s.job, s.stats
+        assert job is not None and st is not None
+        if s.decoder is not None:
+            s.pending += s.decoder.decode(b"", final=True)
+        n = len(s.generated)
+        if reason == "length" and n < job.max_tokens and job.max_tokens >= 0:
+            st.notes.append("the context is full")
+        st.completion_tokens = n
+        if n > 1 and s.t_last > s.t_first:
+            st.generation_tps = (n - 1) / (s.t_last - s.t_first)
+        st.finish_reason = reason
+        generation.finish(st, job.t_submit)
+        final = Chunk(s.pending, tuple(s.new_tokens), reason, st)
+        s.parts.append(s.pending)
+        job.result = Result("".join(s.parts), list(s.generated), st)
+        self._deliver(job, final)
+        self._reset(s)
+        job.done.set()
+
+    def _fail(self, s: _Slot, exc: BaseException) -> None:
+        job = s.job
+        assert job is not None
+        job.error = exc
+        self.eng.kv_drop(s.seq)
+        s.cached = []
+        self._reset(s)
+        job.done.set()
+
+    def _reset(self, s: _Slot) -> None:
+        if s.sampler is not None:
+            s.sampler.close()
+        if s.grammar is not None:
+            s.grammar.close()
+        s.job, s.sampler, s.grammar, s.next_token, s.index = None, None, None, None, -1
+
+    def _finish_unstarted(self, job: Job) -> None:
+        st = Stats(finish_reason="cancelled", prompt_tokens=len(job.tokens))
+        job.result = Result("", [], st)
+        self._deliver(job, Chunk("", (), "cancelled", st))
+        job.done.set()
+
+    def _deliver(self, job: Job, chunk: Chunk) -> None:
+        if job.on_chunk is None:
+            return
+        try:
+            job.on_chunk(chunk)
+        except Exception:  # noqa: BLE001 - a consumer's bug must not stop the others
+            log.exception("on_chunk callback of job %d failed", job.id)
+            job.cancel.set()
+
+
+def generate_many(
+    model: Any, prompts: Sequence[str | Sequence[int]], **kwargs: Any
+) -> list[Result]:
+    """Generate a reply for each prompt, batched on the model's `parallel` sequences (one
+    llama_decode a step for all of them); results in the prompts' order."""
+    tokens = [model.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+    with Scheduler(model, max_queue=max(len(tokens), 1)) as sched:
+        jobs = [sched.submit(t, **kwargs) for t in tokens]
+        return [job.wait() for job in jobs]
