@@ -6,7 +6,9 @@ next token of every generating sequence plus a bounded chunk of any newly admitt
 
     sched = Scheduler(model)                 # what `ondevice serve` runs on
     job = sched.submit(tokens, max_tokens=128, on_chunk=callback)
-    job.cancel()                             # frees its slot at the next step
+    sched.cancel(job)                        # frees its slot (or queue place) at the next step
+    async for chunk in sched.submit_async(tokens, max_tokens=128):   # from asyncio
+        ...
 
 A `Scheduler` owns the model's engine (through `Model.raw()`) on one thread for its whole life.
 The context holds `parallel` sequences (the load's `parallel=`), each a *slot* with its own
@@ -16,17 +18,26 @@ conversation continued by a client evaluates only its new tokens. Prompts are ev
 chunks (`prefill_chunk` tokens a step while others generate), so a long prompt never stalls
 the other streams. The per-token work per sequence is what `Model.stream` does for one: one
 native sample, one piece, the stop check; the batch is built in place.
+
+From other threads, `Scheduler.vocab` tokenizes and detokenizes without waiting for the
+scheduler (llama.cpp's vocabulary is read-only once loaded; the scheduler holds the model's
+lock for its whole life, so `Model.tokenize` would wait). `submit_async` hands a job's chunks to
+an asyncio loop (one `call_soon_threadsafe` per burst of chunks, not per token). A job may have
+a wall-time limit (`time_limit_s`): one that runs out while generating ends with finish_reason
+"length" and a note; one that runs out while still queued fails with `QueueTimeout`. Cancelled
+and expired jobs leave the queue at the next step, so they never hold a queue place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import collections
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +59,10 @@ class QueueFull(OndeviceError):
     """Every slot is busy and the queue is at its bound; try again later."""
 
 
+class QueueTimeout(QueueFull):
+    """The job's time limit ran out before a slot was free for it; try again later."""
+
+
 @dataclass
 class Job:
     """One generation request and what it has produced so far (read by its submitter)."""
@@ -59,6 +74,8 @@ class Job:
     params: Any
     constraint: constrain.Constraint | None
     on_chunk: Callable[[Chunk], Any] | None
+    on_done: Callable[[Job], Any] | None = None  # called once, on the scheduler thread, when done
+    deadline: float | None = None  # perf_counter() time its time limit runs out
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     t_submit: float = field(default_factory=time.perf_counter)
@@ -74,6 +91,92 @@ class Job:
             raise self.error
         assert self.result is not None
         return self.result
+
+
+class Vocab:
+    """The model's vocabulary, usable from any thread while the scheduler generates: what chat
+    rendering and tokenization need of a model (ondevice.conversation's ModelLike, without
+    `stream`). llama.cpp's tokenizer only reads the vocabulary, which nothing changes once the
+    model is loaded; llama-server tokenizes on its HTTP threads the same way."""
+
+    def __init__(self, model: Any, eng: Engine) -> None:
+        self._eng = eng
+        self.path = model.path
+        self.metadata: dict[str, Any] = model.metadata
+        self.bos, self.eos, self.add_bos = eng.bos, eng.eos, eng.add_bos
+        self.n_ctx, self.n_vocab = eng.n_ctx, eng.n_vocab
+
+    def tokenize(
+        self, text: str | bytes, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        return self._eng.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, tokens: Sequence[int], *, special: bool = True) -> list[bytes]:
+        self._eng.check_tokens(tokens)
+        return [self._eng.piece(t, special) for t in tokens]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        self._eng.check_tokens(tokens)
+        return self._eng.detokenize(list(tokens), special=special)
+
+    def is_eog(self, token: int) -> bool:
+        self._eng.check_tokens([token])
+        return self._eng.is_eog(token)
+
+
+class AsyncJob:
+    """A Job seen from an asyncio loop: `async for chunk in ajob` (ends after the chunk with a
+    finish_reason; raises the job's error), `ajob.cancel()`. Chunks cross from the scheduler
+    thread in a deque; the loop is woken with one `call_soon_threadsafe` per burst."""
+
+    def __init__(self, sched: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        self._sched, self._loop = sched, loop
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._ready = asyncio.Event()
+        self._poked = False
+        self.job: Job | None = None
+
+    def _on_chunk(self, chunk: Chunk) -> None:  # the scheduler thread
+        self._chunks.append(chunk)
+        self._poke()
+
+    def _on_done(self, job: Job) -> None:  # the scheduler thread
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._poked:
+            return  # a wake-up is on its way; it will find this chunk too
+        self._poked = True
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop is closed: nobody will read this job
+            if self.job is not None:
+                self.job.cancel.set()
+
+    def _wake(self) -> None:
+        self._poked = False
+        self._ready.set()
+
+    def cancel(self) -> None:
+        """Stop the job (its slot or queue place is freed at the next step)."""
+        if self.job is not None:
+            self._sched.cancel(self.job)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        job = self.job
+        assert job is not None
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+            if job.done.is_set() and not self._chunks:
+                if job.error is not None:
+                    raise job.error
+                return
+            await self._ready.wait()
+            self._ready.clear()
 
 
 @dataclass
@@ -114,6 +217,7 @@ class Scheduler:
         self.eng: Engine = self._raw.__enter__()  # held until close(): the model is ours
         self.eng.kv_clear()
         self.slots = [_Slot(i) for i in range(self.eng.n_seq_max)]
+        self.vocab = Vocab(model, self.eng)
         self.max_queue = max_queue
         self.prefill_chunk = max(1, prefill_chunk)
         self.batch = Batch(self.eng.n_batch)
@@ -136,10 +240,18 @@ class Scheduler:
         grammar: str | None = None,
         json_schema: Any = None,
         response_format: Any = None,
+        time_limit_s: float | None = None,
+        on_done: Callable[[Job], Any] | None = None,
         **sampling: Any,
     ) -> Job:
         """Queue a generation; returns its Job at once. `on_chunk` is called on the scheduler
-        thread with each Chunk (the last one carries finish_reason and Stats)."""
+        thread with each Chunk (the last one carries finish_reason and Stats), `on_done` once
+        with the Job when it is done (also when it failed: `job.error`). `time_limit_s` bounds
+        the job's wall time from now (see the module docstring)."""
+        if time_limit_s is not None and not (
+            isinstance(time_limit_s, (int, float)) and time_limit_s > 0
+        ):
+            raise UsageError(f"time_limit_s must be a number of seconds > 0, not {time_limit_s!r}")
         params = sampling_params(sampling)
         max_tokens = MAX_TOKENS.validate(max_tokens)
         constraint = constrain.from_request(grammar, json_schema, response_format)
@@ -153,12 +265,15 @@ class Scheduler:
                 hint="shorten the prompt or start the server with a larger --ctx",
             )
         stops = [s for s in stop if s]
-        job = Job(next(self._ids), tokens, max_tokens, stops, params, constraint, on_chunk)
+        job = Job(next(self._ids), tokens, max_tokens, stops, params, constraint, on_chunk, on_done)
+        if time_limit_s is not None:
+            job.deadline = job.t_submit + time_limit_s
         with self._cv:
             if self._closed:
                 raise ModelClosed("the scheduler is closed")
             busy = sum(not s.free for s in self.slots)
-            if busy == len(self.slots) and len(self._queue) >= self.max_queue:
+            waiting = sum(not j.cancel.is_set() for j in self._queue)
+            if busy == len(self.slots) and waiting >= self.max_queue:
                 raise QueueFull(
                     f"all {len(self.slots)} slots are busy and {len(self._queue)} requests wait",
                     hint="retry in a moment",
@@ -167,6 +282,22 @@ class Scheduler:
             self.counters["requests"] += 1
             self._cv.notify()
         return job
+
+    def submit_async(
+        self, tokens: Sequence[int], *, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> AsyncJob:
+        """`submit()` for asyncio: an AsyncJob whose chunks arrive on `loop` (default: the
+        running loop; pass it when calling from a worker thread). Keywords as for submit()."""
+        ajob = AsyncJob(self, loop or asyncio.get_running_loop())
+        ajob.job = self.submit(tokens, on_chunk=ajob._on_chunk, on_done=ajob._on_done, **kwargs)
+        return ajob
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job` from any thread: a running job ends with finish_reason "cancelled" at the
+        next step, a queued one leaves the queue then."""
+        with self._cv:
+            job.cancel.set()
+            self._cv.notify()
 
     def metrics(self) -> dict[str, int]:
         """Busy slots, queue length, KV cells in use, and the counters (a moment's values)."""
@@ -209,6 +340,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed and all(s.free for s in self.slots):
                     break
+                self._drop_from_queue()
                 self._admit()
             try:
                 self._step()
@@ -219,7 +351,26 @@ class Scheduler:
                         self._fail(s, exc)
         for job in self._queue:
             job.error = ModelClosed("the server is shutting down")
-            job.done.set()
+            self._done(job)
+
+    def _drop_from_queue(self) -> None:
+        """Take cancelled jobs and jobs whose time ran out out of the queue (under the lock)."""
+        now = time.perf_counter()
+        keep: collections.deque[Job] = collections.deque()
+        for job in self._queue:
+            if job.cancel.is_set():
+                self._finish_unstarted(job)
+            elif job.deadline is not None and now >= job.deadline:
+                self.counters["timeouts"] += 1
+                job.error = QueueTimeout(
+                    f"no slot was free within the request's time limit "
+                    f"({job.deadline - job.t_submit:g} s)",
+                    hint="retry later, or start the server with more --parallel slots",
+                )
+                self._done(job)
+            else:
+                keep.append(job)
+        self._queue = keep
 
     def _admit(self) -> None:
         """Queued jobs into free slots (the one sharing the longest prefix first)."""
@@ -236,8 +387,8 @@ class Scheduler:
                 self._start(slot, job)
             except BaseException as exc:  # noqa: BLE001 - a bad grammar: this job only
                 job.error = exc
-                job.done.set()
                 self._reset(slot)
+                self._done(job)
 
     def _start(self, slot: _Slot, job: Job) -> None:
         eng = self.eng
@@ -271,10 +422,18 @@ class Scheduler:
         """One llama_decode: every generating slot's next token, then prompt chunks."""
         batch, eng = self.batch, self.eng
         batch.clear()
+        now = time.perf_counter()
         for s in self.slots:
             s.index = -1
             if s.job is not None and s.job.cancel.is_set():
+                self.counters["cancelled"] += 1
                 self._end(s, "cancelled")
+            elif s.job is not None and s.job.deadline is not None and now >= s.job.deadline:
+                self.counters["timeouts"] += 1
+                limit = s.job.deadline - s.job.t_submit
+                assert s.stats is not None
+                s.stats.notes.append(f"the request's time limit ({limit:g} s) ran out")
+                self._end(s, "length")
         generating = [s for s in self.slots if s.job is not None and s.next_token is not None]
         for s in generating:
             s.index = batch.add(s.next_token, len(s.cached), s.seq, True)
@@ -381,7 +540,7 @@ class Scheduler:
         job.result = Result("".join(s.parts), list(s.generated), st)
         self._deliver(job, final)
         self._reset(s)
-        job.done.set()
+        self._done(job)
 
     def _fail(self, s: _Slot, exc: BaseException) -> None:
         job = s.job
@@ -390,7 +549,7 @@ class Scheduler:
         self.eng.kv_drop(s.seq)
         s.cached = []
         self._reset(s)
-        job.done.set()
+        self._done(job)
 
     def _reset(self, s: _Slot) -> None:
         if s.sampler is not None:
@@ -400,10 +559,19 @@ class Scheduler:
         s.job, s.sampler, s.grammar, s.next_token, s.index = None, None, None, None, -1
 
     def _finish_unstarted(self, job: Job) -> None:
+        self.counters["cancelled"] += 1
         st = Stats(finish_reason="cancelled", prompt_tokens=len(job.tokens))
         job.result = Result("", [], st)
         self._deliver(job, Chunk("", (), "cancelled", st))
+        self._done(job)
+
+    def _done(self, job: Job) -> None:
         job.done.set()
+        if job.on_done is not None:
+            try:
+                job.on_done(job)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the others
+                log.exception("on_done callback of job %d failed", job.id)
 
     def _deliver(self, job: Job, chunk: Chunk) -> None:
         if job.on_chunk is None:
