@@ -18,9 +18,10 @@ and checks both against this table, which is the one place the layering is writt
     LAYER devices     backends
     LAYER runtime     constrain generation batch app conversation runtime loader
     LAYER tools       bench tune pull repl quantize convert
+    LAYER services    server
     LAYER interfaces  cli __main__
 
-(`_native`, `quantize`, `convert` and `cli` are packages: their modules share the layer.)
+(`_native`, `quantize`, `convert`, `server` and `cli` are packages: their modules share the layer.)
 Only `ondevice._native` imports the binding (llama_cpp) or calls ggml through ctypes.
 """
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "quantize": "ondevice.cli.quantize:quantize",
     "perplexity": "ondevice.cli.perplexity:perplexity",
     "tune": "ondevice.cli.tune:tune",
+    "serve": "ondevice.cli.serve:serve",
 }
 
 

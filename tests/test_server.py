@@ -1,0 +1,319 @@
+"""`ondevice serve` as clients use it: a real server process on a free loopback port, the
+official `openai` and `ollama` Python packages, the demo model. Streaming and not, usage, stop,
+seeds, response_format, Ollama's routes, 8 concurrent clients against one at a time, a client
+killed mid-stream, and bad requests (always 4xx, never 5xx or a traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import httpx
+import jsonschema
+import ollama
+import openai
+import pytest
+from server_fixtures import ServerProcess
+
+from ondevice import chat_formats, conversation
+
+CTX = 512
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "Tell me a joke about cats.",
+    "How do plants make food?",
+    "Say hello in Spanish.",
+    "What is the largest planet?",
+]
+
+
+@pytest.fixture(scope="module")
+def server(demo_path):
+    with ServerProcess(demo_path, "--parallel", "4", "--ctx", str(CTX)) as s:
+        yield s
+        log = s.log
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def chat(client, messages=QUESTION, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="demo", messages=messages, **kw)
+
+
+# --- OpenAI ---------------------------------------------------------------------------------
+def test_chat_reply_usage_and_ondevice_numbers(client):
+    r = chat(client, max_tokens=8)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == "demo"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    extra = r.model_extra["ondevice"]
+    assert extra["completion_tokens"] == 8 and extra["prompt_tokens"] == r.usage.prompt_tokens
+    assert extra["ttft_s"] > 0 and extra["generation_tps"] > 0 and extra["rss_bytes"] > 0
+
+
+def test_streaming_gives_the_same_text_and_usage_last(client):
+    whole = chat(client, max_tokens=16).choices[0].message.content
+    stream = chat(client, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    events = list(stream)
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == whole
+    assert events[0].choices[0].delta.role == "assistant"
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == 16
+
+
+def test_stop_string_ends_the_reply_before_it(client):
+    whole = chat(client, max_tokens=16).choices[0].message.content
+    words = whole.split()
+    assert len(words) >= 3, whole
+    stop = " " + words[2]
+    r = chat(client, max_tokens=16, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == whole[: whole.index(stop)]
+
+
+def test_temperature_0_and_a_seed_repeat_the_reply(client):
+    assert chat(client).choices[0].message.content == chat(client).choices[0].message.content
+    a = chat(client, temperature=1.0, seed=1234, max_tokens=16).choices[0].message.content
+    b = chat(client, temperature=1.0, seed=1234, max_tokens=16).choices[0].message.content
+    assert a == b
+
+
+def test_response_format_json_schema_and_json_object(client):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome", "Berlin"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    r = chat(client, max_tokens=32, response_format=rf)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = chat(client, max_tokens=24, response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.lstrip().startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_completions_match_the_library(client, demo_model):
+    prompt = "The capital of France is"
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0)
+    demo_model.reset()
+    expected = demo_model.generate(prompt, max_tokens=8, temperature=0)
+    assert r.choices[0].text == expected.text
+    assert r.usage.prompt_tokens == expected.stats.prompt_tokens
+    stream = client.completions.create(
+        model="demo", prompt=prompt, max_tokens=8, temperature=0, stream=True, echo=True
+    )
+    assert "".join(e.choices[0].text for e in stream) == prompt + expected.text
+
+
+def test_models_list_and_tools_refused_for_now(client):
+    assert [m.id for m in client.models.list()] == ["demo"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError, match="tools are not supported yet"):
+        chat(client, tools=tools)
+    with pytest.raises(openai.BadRequestError, match="tools are not supported yet"):
+        chat(client, messages=[*QUESTION, {"role": "tool", "content": "42", "tool_call_id": "1"}])
+
+
+# --- Ollama ---------------------------------------------------------------------------------
+def test_ollama_chat_generate_and_tags(server):
+    c = ollama.Client(host=server.url)
+    opts = {"temperature": 0, "num_predict": 12}
+    r = c.chat(model="demo", messages=QUESTION, options=opts)
+    assert r.done and r.message.role == "assistant" and r.message.content
+    assert r.eval_count == 12 and r.prompt_eval_count > 0 and r.done_reason == "length"
+    parts = list(c.chat(model="demo", messages=QUESTION, options=opts, stream=True))
+    assert "".join(p.message.content for p in parts) == r.message.content
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    g = c.generate(model="demo", prompt=QUESTION[0]["content"], options=opts)
+    assert g.response == r.message.content  # generate renders the same chat template
+    raw = c.generate(model="demo", prompt="The capital of France is", raw=True, options=opts)
+    assert raw.response and raw.eval_count == 12
+    tags = c.list()
+    assert [m.model for m in tags.models] == ["demo"]
+    assert tags.models[0].details.family == "llama" and tags.models[0].size > 0
+    assert c.show("demo").details.quantization_level == "Q4_1"
+    assert [m.model for m in c.ps().models] == ["demo"]
+    assert httpx.get(f"{server.url}/api/version").json()["version"]
+    with pytest.raises(ollama.ResponseError) as err:
+        c.chat(model="llama3", messages=QUESTION)
+    assert err.value.status_code == 404
+
+
+# --- concurrency ----------------------------------------------------------------------------
+def _reply(client, prompt: str) -> str:
+    r = chat(client, [{"role": "user", "content": prompt}], max_tokens=24)
+    return r.choices[0].message.content
+
+
+def test_eight_concurrent_clients_get_the_replies_they_get_alone(server, demo_model):
+    alone = [_reply(openai.OpenAI(base_url=f"{server.url}/v1", api_key="x"), p) for p in PROMPTS]
+    together: list[str | None] = [None] * len(PROMPTS)
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(i: int) -> None:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        barrier.wait()
+        together[i] = _reply(c, PROMPTS[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    diverged = [i for i in range(len(PROMPTS)) if together[i] != alone[i]]
+    for i in diverged:  # llama.cpp's batched kernels may round differently at a near-tie
+        gap = _top2_gap(demo_model, PROMPTS[i], alone[i], together[i])
+        assert gap < 0.5, f"prompt {i} diverged where the top two logits differ by {gap}"
+    print(f"{len(diverged)} of {len(PROMPTS)} replies diverged (near-ties)")
+    assert len(diverged) <= 2, (alone, together)
+
+
+def _top2_gap(model, prompt: str, a: str, b: str | None) -> float:
+    """The gap between the two best logits where the replies part (re-tokenized)."""
+    assert b is not None
+    n = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    fmt = chat_formats.for_model(model)
+    text = fmt.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    tokens = conversation.tokenize_prompt(model, text + a[:n])
+    logits = model.score(tokens)[-1]
+    top = sorted(logits.tolist())[-2:]
+    return top[1] - top[0]
+
+
+_STREAMER = textwrap.dedent(
+    """
+    import sys, openai
+    c = openai.OpenAI(base_url=sys.argv[1], api_key="x", max_retries=0)
+    s = c.chat.completions.create(model="demo", max_tokens=400, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+    for event in s:
+        print("chunk", flush=True)
+    """
+)
+
+
+_WAITER = textwrap.dedent(
+    """
+    import sys, openai
+    c = openai.OpenAI(base_url=sys.argv[1], api_key="x", max_retries=0)
+    print("sending", flush=True)
+    c.chat.completions.create(model="demo", max_tokens=400, temperature=0,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+    """
+)
+
+
+@pytest.mark.parametrize("script", [_STREAMER, _WAITER], ids=["streaming", "waiting"])
+def test_a_client_killed_mid_reply_frees_its_slot(server, script):
+    before = server.metrics()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, f"{server.url}/v1"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(5 if script is _STREAMER else 1):
+            assert proc.stdout.readline() in ("chunk\n", "sending\n")
+        t0 = time.monotonic()
+        while server.metrics()["generated_tokens_total"] < before["generated_tokens_total"] + 5:
+            assert time.monotonic() - t0 < 60, "the reply did not start"
+            time.sleep(0.05)
+        assert server.metrics()["busy_slots"] >= 1
+        proc.kill()
+    finally:
+        proc.wait(10)
+    t0 = time.monotonic()
+    while server.metrics()["busy_slots"] > 0:
+        assert time.monotonic() - t0 < 5, "the slot was not freed"
+        time.sleep(0.05)
+    after = server.metrics()
+    assert after["cancelled_total"] == before["cancelled_total"] + 1
+    assert after["generated_tokens_total"] - before["generated_tokens_total"] < 400
+
+
+# --- bad requests ---------------------------------------------------------------------------
+def test_bad_requests_are_4xx_with_a_message(server, client):
+    url = f"{server.url}/v1/chat/completions"
+    cases = [
+        (b"{not json", 400),
+        (b'{"messages": [{"role": "user", "content": 5}]}', 400),
+        (b'{"messages": "hi"}', 400),
+        (b'{"messages": []}', 400),
+        (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}', 400),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}', 404),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": '
+         b'{"type": "json_schema"}}', 400),
+        (b"[1, 2, 3]", 400),
+        (b"", 400),
+    ]  # fmt: skip
+    for body, status in cases:
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["message"], body
+    r = httpx.post(f"{server.url}/api/chat", json={"model": "demo", "messages": "x"})
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+    long = "the cat sat on the mat " * 400  # ~2400 tokens, the context holds 512
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, [{"role": "user", "content": long}])
+    assert err.value.code == "context_length_exceeded"
+    assert "512" in str(err.value)
+
+
+def test_max_tokens_beyond_the_context_is_clamped_and_reported(client):
+    long = [{"role": "user", "content": "the cat sat on the mat " * 80}]  # ~490 of 512 tokens
+    r = chat(client, long, max_tokens=100_000)
+    room = CTX - r.usage.prompt_tokens
+    assert 0 < room < 40
+    assert r.model_extra["ondevice"]["max_tokens"] == room
+    assert r.usage.completion_tokens <= room
+    assert any("lowered" in n for n in r.model_extra["ondevice"]["notes"])
+
+
+def test_a_full_server_answers_429_with_retry_after(demo_path):
+    with ServerProcess(demo_path, "--parallel", "1", "--max-queue", "1", "--ctx", "256") as s:
+        body = {"messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 60, "temperature": 0}  # fmt: skip
+        results: list[int] = []
+
+        def post() -> None:
+            results.append(httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
+                           .status_code)  # fmt: skip
+
+        first = threading.Thread(target=post)
+        first.start()
+        while s.metrics()["busy_slots"] < 1:
+            time.sleep(0.05)
+        second = threading.Thread(target=post)
+        second.start()
+        while s.metrics()["queue_length"] < 1:
+            time.sleep(0.05)
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "server_busy"
+        first.join(120)
+        second.join(120)
+        assert results == [200, 200]
