@@ -49,6 +49,19 @@ def test_an_open_bind_without_a_key_is_refused_in_one_line(cli_env, demo_path, h
     assert "--api-key" in lines[0] and "--no-auth" in lines[0]
 
 
+def test_a_missing_or_broken_model_is_one_line_before_listening(cli_env, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    for model in (str(tmp_path / "missing.gguf"), str(bad)):
+        out = subprocess.run(
+            [PYTHON, "-m", "ondevice", "serve", model, "--port", "0"],
+            capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+        assert "listening" not in out.stderr
+
+
 def test_no_auth_is_allowed_with_a_warning_and_loopback_needs_nothing(caplog):
     with caplog.at_level(logging.WARNING):
         check_bind(ServerConfig(host="0.0.0.0", no_auth=True))

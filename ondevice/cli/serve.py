@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from ondevice import locate
 from ondevice.cli.options import load_kwargs, load_options
+from ondevice.gguf_header import read_header
 from ondevice.repl import default_model, format_names
 from ondevice.server.config import (
     DEFAULT_HOST,
@@ -99,6 +101,8 @@ def serve(model: str | None, **opts) -> None:
     server.require_extra()
 
     name = model or default_model()
+    # A missing or malformed file is one line now, before the server says it listens.
+    read_header(locate.resolve(name))
     config = server.ServerConfig(
         host=opts["host"], port=opts["port"], api_key=opts["api_key"], no_auth=opts["no_auth"],
         cors_origins=list(opts["cors_origin"]), allowed_hosts=list(opts["allow_host"]),

@@ -1,0 +1,250 @@
+"""Issue 16's benchmark: `ondevice serve` against llama-server and llama-cpp-python's server,
+aggregate generated tok/s and TTFT p50/p95 at 1, 2, 4 and 8 concurrent streaming clients.
+
+Each client streams one `POST /v1/completions` (a prompt the model keeps continuing, a different
+one per client, `max_tokens` 128, temperature 0) and all start together; aggregate tok/s is the
+tokens all clients received divided by the wall time from the start to the last token, TTFT is
+per client from its request to its first token. Rounds go server by server at each concurrency
+(the machine is shared: compare medians of interleaved rounds).
+
+The same engine and settings on every side: llama-server is built from the installed binding's
+vendored llama.cpp (build_llama_tools.sh) and runs with `-np N` (continuous batching), `-c N x
+ctx`, the same threads, `-fa off` (ondevice's choice on the CPU), f16 KV, and weight repacking
+as ondevice decides it (`--no-repack` on AMX builds, where ondevice turns it off).
+llama-cpp-python's server (`python -m llama_cpp.server`, in its own venv so the shared one keeps
+its binding: ~/.cache/ondevice-bench/lcpp-server-venv, made with `pip install
+'llama-cpp-python[server]==VER'`) serializes requests; it runs with `--interrupt_requests
+False` so that a new request does not cut a streaming one off. Every process gets the same
+OMP_WAIT_POLICY. RSS after each run gives the memory per extra slot.
+
+    python benchmarks/serve_bench.py --models demo,q4km --rounds 3
+    python benchmarks/serve_bench.py --models demo --clients 1,4 --rounds 1 --servers ondevice
+    python benchmarks/serve_bench.py --rounds 5 --write-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_vs_llama_bench import CACHE, model_path  # noqa: E402
+from stream_vs_llama_bench import llama_bench_bin, machine_line, median, write_results  # noqa: E402
+
+SECTION = "## ondevice serve vs llama-server and llama-cpp-python's server (issue 16)"
+LCPP_VENV = CACHE / "lcpp-server-venv"
+SERVERS = ("ondevice", "llama-server", "llama-cpp-python")
+
+
+def prompt(i: int) -> str:
+    """A counting sequence from a different start per client: models keep continuing it."""
+    start = 1 + 37 * i
+    return ", ".join(str(n) for n in range(start, start + 12)) + ","
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def repack_on() -> bool:
+    """Whether ondevice repacks weights on this machine (the reference servers do the same)."""
+    from ondevice import policy  # the runtime's own rule, so both sides run alike
+    from ondevice._native import binding  # whether this build has AMX kernels
+
+    return policy.repack_allowed(binding.amx_compiled())[0]
+
+
+def command(server: str, model: Path, port: int, n: int, ctx: int, threads: int) -> list[str]:
+    if server == "ondevice":
+        return [sys.executable, "-m", "ondevice", "serve", str(model), "--port", str(port),
+                "--parallel", str(n), "--ctx", str(ctx), "--threads", str(threads),
+                "--name", "m", "--no-tune", "--max-queue", "64"]  # fmt: skip
+    if server == "llama-server":
+        binary = llama_bench_bin().parent / "llama-server"
+        cmd = [str(binary), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
+               "-np", str(n), "-c", str(n * ctx), "-t", str(threads), "-tb", str(threads),
+               "-fa", "off", "-b", "2048", "-ub", "512", "--no-webui", "-a", "m"]  # fmt: skip
+        return cmd if repack_on() else [*cmd, "--no-repack"]
+    python = LCPP_VENV / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} is missing: make that venv first (see this file's docstring)")
+    return [str(python), "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+            "--host", "127.0.0.1", "--n_ctx", str(ctx), "--n_threads", str(threads),
+            "--n_threads_batch", str(threads), "--flash_attn", "False",
+            "--interrupt_requests", "False", "--model_alias", "m"]  # fmt: skip
+
+
+class Server:
+    """One server process, started and waited for until it is ready."""
+
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str]) -> None:
+        self.cmd, self.port, self.env = cmd, port, env
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> Server:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env=self.env)  # fmt: skip
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.cmd[0]} exited with {self.proc.returncode}")
+            if self._ready():
+                return self
+            if time.monotonic() - t0 > 600:
+                raise RuntimeError(f"{self.cmd} not ready after 600 s")
+            time.sleep(0.3)
+
+    def _ready(self) -> bool:
+        """/health says 200 (ondevice, llama-server: 503 while loading); llama-cpp-python's
+        server has no /health and listens only once loaded."""
+        try:
+            r = httpx.get(f"{self.url}/health", timeout=5)
+            if r.status_code == 404:
+                r = httpx.get(f"{self.url}/v1/models", timeout=5)
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def one_client(client: httpx.AsyncClient, url: str, i: int, n_gen: int) -> tuple[float, int]:
+    """(TTFT seconds, tokens received) for one streamed completion."""
+    body = {"model": "m", "prompt": prompt(i), "max_tokens": n_gen, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    ttft, events, usage = 0.0, 0, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                usage = ev["usage"].get("completion_tokens")
+            if ev.get("choices") and ev["choices"][0].get("text"):
+                events += 1
+                if not ttft:
+                    ttft = time.perf_counter() - t0
+    return ttft, usage if usage is not None else events
+
+
+async def burst(url: str, n: int, n_gen: int) -> dict[str, float]:
+    """n clients at once: aggregate tok/s, TTFT p50/p95, tokens."""
+    limits = httpx.Limits(max_connections=n + 2)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_client(client, url, i, n_gen) for i in range(n)))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    return {"tps": tokens / wall, "ttft_p50": statistics.median(ttfts), "ttft_p95": p95,
+            "tokens": tokens}  # fmt: skip
+
+
+def measure(model: Path, servers, clients, rounds, ctx, threads, n_gen, env) -> list[dict]:
+    rows = []
+    for n in clients:
+        for server in servers:
+            runs, rss = [], 0
+            np_ = 1 if server == "llama-cpp-python" else n
+            port = free_port()
+            with Server(command(server, model, port, np_, ctx, threads), port, env) as s:
+                asyncio.run(burst(s.url, 1, 8))  # warm-up
+                for _ in range(rounds):
+                    runs.append(asyncio.run(burst(s.url, n, n_gen)))
+                rss = s.rss()
+            row = {"model": model.name, "server": server, "clients": n, "rss_bytes": rss}
+            for key in ("tps", "ttft_p50", "ttft_p95", "tokens"):
+                row[key] = median([r[key] for r in runs])
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict], n_gen: int) -> str:
+    out = [f"Aggregate generated tok/s and TTFT (ms, p50/p95) of n streaming clients, "
+           f"{n_gen} tokens each; RSS after the run (MiB).", "",
+           "| model | clients | server | tok/s | TTFT p50 | TTFT p95 | RSS |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['model']} | {r['clients']} | {r['server']} | {r['tps']:.1f} | "
+                   f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_p95'] * 1000:.0f} | "
+                   f"{r['rss_bytes'] / 2**20:.0f} |")  # fmt: skip
+    out += ["", "Ratios: " + "; ".join(ratios(rows)), "", f"Machine: {machine_line()}."]
+    return "\n".join(out)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """The issue's goals, as measured."""
+    by = {(r["model"], r["server"], r["clients"]): r for r in rows}
+    out = []
+    for (model, server, n), r in by.items():
+        if server != "ondevice":
+            continue
+        for other in ("llama-server", "llama-cpp-python"):
+            o = by.get((model, other, n))
+            if o and o["tps"]:
+                out.append(f"{model} {n} clients: {r['tps'] / o['tps']:.2f}x {other}")
+        one = by.get((model, "ondevice", 1))
+        if n > 1 and one and one["tps"]:
+            out.append(f"{model} {n} clients: {r['tps'] / one['tps']:.2f}x our 1 client")
+        if n > 1 and one:
+            per = (r["rss_bytes"] - one["rss_bytes"]) / (n - 1) / 2**20
+            out.append(f"{model}: {per:.1f} MiB per extra slot ({n} slots)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="demo,q4km", help="demo, q4km, q8 or .gguf paths")
+    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ctx", type=int, default=512, help="context per slot")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for every server")
+    ap.add_argument("--write-results", action="store_true")
+    args = ap.parse_args()
+    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait)
+    servers = [s for s in args.servers.split(",") if s]
+    clients = [int(c) for c in args.clients.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        model = model_path(name)
+        rows += measure(model, servers, clients, args.rounds, args.ctx, args.threads,
+                        args.n_gen, env)  # fmt: skip
+    text = table(rows, args.n_gen)
+    print(text)
+    if args.write_results:
+        write_results(text, SECTION)
+
+
+if __name__ == "__main__":
+    main()
