@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ondevice import app, backends, fit, locate, policy, stats, system, tune_store
+from ondevice import app, backends, fit, locate, policy, speculate, stats, system, tune_store
 from ondevice._native import binding
 from ondevice._native.engine import Engine, EngineConfig
 from ondevice.errors import Cancelled, LoadCancelled, ModelLoadError, OndeviceError, UsageError
@@ -55,6 +55,7 @@ def load(
     no_fallback: bool = False,
     force: bool = False,
     parallel: int = 1,
+    speculative: str = "auto",
     omp_passive: bool = True,
     reset_peak_rss: bool = True,
 ) -> Model:
@@ -85,6 +86,9 @@ def load(
                  running on the CPU (the fallback is noted in Model.notes and Stats.notes).
     force        load even when ondevice.fit predicts the model will not fit the available
                  memory (otherwise DoesNotFit is raised before llama.cpp allocates anything).
+    speculative  "auto" (draft tokens by prompt lookup and verify them in one decode, only
+                 while it pays: ondevice.speculate), "lookup" (whenever a lookup matches),
+                 "off"; stream(speculative=...) overrides it per call.
     parallel     sequences the context holds at once, each with n_ctx tokens of its own (the
                  KV cache is `parallel` times larger): for batched generation
                  (`Model.generate_many`, `ondevice.batch`, `ondevice serve --parallel`).
@@ -101,6 +105,10 @@ def load(
     instead of crashing the process.
     """
     t0 = time.perf_counter()
+    if speculative not in speculate.MODES:
+        raise UsageError(
+            f"speculative must be one of {', '.join(speculate.MODES)}, not {speculative!r}"
+        )
     if omp_passive:
         policy.set_omp_passive()
     path = locate.resolve(model)
@@ -122,7 +130,9 @@ def load(
     eng, plan = _open_engine(path, header, plan, _progress(on_progress), no_fallback)
     if plan.placement.on_gpu:
         _warm_up(eng)
-    return _model(path, header, eng, plan, time.perf_counter() - t0)
+    m = _model(path, header, eng, plan, time.perf_counter() - t0)
+    m.speculative = speculative
+    return m
 
 
 @dataclass

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ondevice import app, batch, constrain, conversation
-from ondevice._native.engine import Engine, EngineConfig, Sampler
+from ondevice import app, batch, constrain, conversation, speculate
+from ondevice._native.engine import Batch, Engine, EngineConfig, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice._native.log import offloaded_layers
 from ondevice.errors import ContextOverflow, ModelClosed, UsageError
@@ -93,6 +93,9 @@ class Model:
         self._close_pending = False
         self._cache = TokenCache()
         self.last_stats: Stats | None = None
+        self.speculative = "auto"  # the load's default for stream(speculative=None)
+        self._policies: dict[str, speculate.Policy] = {}
+        self._spec_batch: Batch | None = None
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -286,6 +289,7 @@ class Model:
         grammar: str | None = None,
         json_schema: Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
+        speculative: str | None = None,
         **sampling: Any,
     ) -> Iterator[Chunk]:
         """Stream the completion of `prompt` (text, or token ids) as `Chunk`s.
@@ -301,14 +305,21 @@ class Model:
         {"type": "json_schema", "json_schema": {"schema": ...}}). The reply then always matches;
         `Result.json` parses it (and refuses a reply cut by max_tokens). A bad grammar or
         schema is a UsageError before any token is generated.
+
+        `speculative` ("auto", "lookup", "off"; default: the load's) drafts tokens by prompt
+        lookup and verifies them in one batched decode (ondevice.speculate): the same text,
+        faster where the reply repeats spans of the prompt. Not combined with a grammar.
         """
         params = sampling_params(sampling)
         constraint = constrain.from_request(grammar, json_schema, response_format)
+        spec = self._speculation(self.speculative if speculative is None else speculative)
         max_tokens = MAX_TOKENS.validate(max_tokens)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         if isinstance(prompt, str):
             prompt = _utf8(prompt).decode("utf-8")
-        return self._stream(prompt, max_tokens, stops, cancel, add_special, params, constraint)
+        return self._stream(
+            prompt, max_tokens, stops, cancel, add_special, params, constraint, spec
+        )
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Result:
         """The whole completion at once: loops over `stream()`."""
@@ -338,6 +349,7 @@ class Model:
         add_special: bool,
         params: Any,
         constraint: constrain.Constraint | None = None,
+        spec: speculate.Policy | None = None,
     ) -> Iterator[Chunk]:
         t_call = time.perf_counter()
         with self.lock():
@@ -358,6 +370,10 @@ class Model:
             )
             sampler = Sampler(params, self.n_vocab)
             req = Request(tokens, sampler, max_tokens, stops, cancelled)
+            if spec is not None and constraint is None:
+                if self._spec_batch is None:
+                    self._spec_batch = Batch(speculate.DRAFT_LENGTHS[-1] + 1)
+                req.speculation, req.batch = spec, self._spec_batch
             if constraint is not None:
                 req.grammar = self._grammar(eng, constraint, st)
                 req.grammar_first = params.repeat_penalty != 1.0
@@ -375,6 +391,19 @@ class Model:
         # The last chunk is handed out after the model is released, so a consumer that stops
         # iterating once it has the stats doesn't keep the model locked.
         yield final
+
+    def _speculation(self, mode: str) -> speculate.Policy | None:
+        """The drafting policy for `mode` (kept across calls: it carries the measured decode
+        costs and recent acceptance), or None for "off"."""
+        if mode not in speculate.MODES:
+            raise UsageError(
+                f"speculative must be one of {', '.join(speculate.MODES)}, not {mode!r}"
+            )
+        if mode == "off":
+            return None
+        if mode not in self._policies:
+            self._policies[mode] = speculate.Policy(mode)
+        return self._policies[mode]
 
     def _grammar(self, eng: Engine, constraint: constrain.Constraint, st: Stats) -> Grammar:
         st.constraint = constraint.kind
