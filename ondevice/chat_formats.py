@@ -571,16 +571,23 @@ def adjust_messages(fmt: ChatFormat, messages: list[dict[str, Any]]) -> list[dic
     """Checked messages as `fmt`'s template should see them: the reasoning aliases Hugging Face
     adds (`reasoning_content` and `thinking`), then the adjustments in the module docstring,
     made only where the template's probes call for them."""
+    out = reasoning_aliases(messages)
+    if not any(_needs_probe(m) for m in out):
+        return out  # plain conversations go to every template as they are
+    caps = capabilities(fmt)
+    return [_adjust(m, caps) for m in out]
+
+
+def reasoning_aliases(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with a reasoning text under both names templates read, `reasoning_content` and
+    `thinking` (gpt-oss), taken from either or from `reasoning`, as Hugging Face does."""
     out = []
     for m in messages:
         reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         out.append(m)
-    if not any(_needs_probe(m) for m in out):
-        return out  # plain conversations go to every template as they are
-    caps = capabilities(fmt)
-    return [_adjust(m, caps) for m in out]
+    return out
 
 
 def _needs_probe(m: Mapping[str, Any]) -> bool:

@@ -166,6 +166,6 @@ def plain(value: Any, where: str, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v, where, depth + 1) for v in value]
     raise UsageError(
-        f"{where} holds a {type(value).__name__}",
+        f"{where} holds a Python {type(value).__name__}, not JSON data",
         hint="messages, tools and documents hold JSON data: text, numbers, lists and dicts",
     )

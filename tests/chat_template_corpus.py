@@ -175,7 +175,11 @@ def conversations() -> dict[str, dict]:
         "tools-string-arguments": {
             "messages": [
                 call_turns[0],
-                {"role": "assistant", "content": None, "tool_calls": [_tool_call('{"city": "Paris"}')]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [_tool_call('{"city": "Paris"}')],
+                },
                 *call_turns[2:],
             ],
             "tools": TOOLS,
