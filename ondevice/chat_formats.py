@@ -61,11 +61,15 @@ __all__ = [
     "RENDER_MAX_CHARS",
     "RENDER_MAX_RSS_GROWTH",
     "RENDER_TIMEOUT_S",
+    "Capabilities",
     "ChatFormat",
     "Prompt",
+    "adjust_messages",
+    "capabilities",
     "compile_template",
     "for_model",
     "names",
+    "reasoning_aliases",
     "render_bounded",
     "resolve",
     "validate_messages",
@@ -502,7 +506,7 @@ _PROBE_TIMEOUT_S = 0.5
 
 
 class _GiveUp(Exception):
-    pass
+    """A probe hit the watchdog: stop probing this template."""
 
 
 @lru_cache(maxsize=32)

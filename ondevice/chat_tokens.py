@@ -33,6 +33,8 @@ class TokenizerLike(Protocol):
 
 
 def with_bos(model: TokenizerLike, tokens: list[int]) -> list[int]:
+    """`tokens` with the model's BOS first when its vocabulary asks for one and the template
+    did not write it."""
     bos = model.bos
     if model.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
         tokens.insert(0, bos)
@@ -55,7 +57,7 @@ def tokenize_pieces(
     prefix each text with a space (`splittable` False) tokenize every piece after the first
     behind a newline that is then dropped, as Hugging Face does.
     """
-    if splittable is None:
+    if splittable is None and len(pieces) > 1:
         splittable = splits_cleanly(model)
     newline: list[int] | None = None
     out: list[int] = []
@@ -112,7 +114,8 @@ class _ControlTokens:
     template: Qwen's `<tool_call>`, gpt-oss's `<|start|>`), as Hugging Face decides.
     """
 
-    _MAX_CACHED = 4096
+    _MAX_CACHED = 1024  # texts remembered (each under _MAX_CACHED_CHARS)
+    _MAX_CACHED_CHARS = 100_000
 
     def __init__(self, model: TokenizerLike) -> None:
         self.model = model
@@ -123,28 +126,32 @@ class _ControlTokens:
         self._found: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.protected: set[int] = set()
         self._markup: dict[str, str] = {}  # template source -> its literal text
+        self._lock = threading.Lock()  # one model may serve chat() on several threads
 
     def protector(self, fmt: ChatFormat) -> Callable[[str], list[str]]:
-        if fmt.template not in self._markup:
-            if len(self._markup) > 16:
-                self._markup.clear()
-            self._markup[fmt.template] = fmt.literal_text()
-        markup = self._markup[fmt.template]
+        """The `protect` function `ChatFormat.prompt` takes, for this model and `fmt`."""
+        with self._lock:
+            markup = self._markup.get(fmt.template)
+        if markup is None:
+            markup = fmt.literal_text()
+            with self._lock:
+                if len(self._markup) > 16:
+                    self._markup.clear()
+                self._markup[fmt.template] = markup
         return lambda text: self._find(text, markup)
 
     def _find(self, text: str, markup: str) -> list[str]:
         """The protected tokens' texts in `text`."""
-        found = [(t, self._text(t)) for t in self._special_in(text)]
-        out = []
-        for t, tok_text in found:
-            if (
-                tok_text
-                and tok_text in text
-                and (self._is_control(t) or self._is_markup(t, tok_text, markup))
-            ):
-                self.protected.add(t)
-                out.append(tok_text)
-        return out
+        with self._lock:
+            out = []
+            for t in self._special_in(text):
+                tok_text = self._text(t)
+                if not tok_text or tok_text not in text:
+                    continue
+                if self._control[t] or self._is_markup(t, tok_text, markup):
+                    self.protected.add(t)
+                    out.append(tok_text)
+            return out
 
     def _special_in(self, text: str) -> tuple[int, ...]:
         """Tokens in `text` that are not ordinary (cached by text)."""
@@ -153,24 +160,34 @@ class _ControlTokens:
             self._found.move_to_end(text)
             return hit
         toks = set(self.model.tokenize(text, add_special=False, parse_special=True))
+        self._learn([t for t in toks if t not in self._control])
         types = self._types if isinstance(self._types, list) else []
         # GGUF control/user-defined types (3, 4) may be markup; llama.cpp's own CONTROL set
         # (which it widens past the file's types, for EOG tokens found by text) is asked for.
         cands = tuple(
-            t for t in toks if self._is_control(t) or (0 <= t < len(types) and types[t] in (3, 4))
+            t for t in toks if self._control[t] or (0 <= t < len(types) and types[t] in (3, 4))
         )
-        self._found[text] = cands
-        if len(self._found) > self._MAX_CACHED:
-            self._found.popitem(last=False)
+        if len(text) <= self._MAX_CACHED_CHARS:
+            self._found[text] = cands
+            if len(self._found) > self._MAX_CACHED:
+                self._found.popitem(last=False)
         return cands
 
-    def _is_control(self, t: int) -> bool:
-        known = self._control.get(t)
-        if known is None:
-            plain = self.model.token_bytes([t], special=False)[0]
-            full = self.model.token_bytes([t], special=True)[0]
-            known = self._control[t] = plain == b"" and full != b""
-        return known
+    def _learn(self, tokens: list[int]) -> None:
+        """Whether each token is a control token: llama.cpp writes CONTROL and UNKNOWN tokens
+        only when asked for special tokens."""
+        if tokens:
+            plain = self.model.token_bytes(tokens, special=False)
+            full = self.model.token_bytes(tokens, special=True)
+            for t, p, f in zip(tokens, plain, full, strict=True):
+                self._control[t] = p == b"" and f != b""
+
+    def is_control(self, t: int) -> bool:
+        """Whether token `t` is one of llama.cpp's control (or unknown) tokens."""
+        with self._lock:
+            if t not in self._control:
+                self._learn([t])
+            return self._control[t]
 
     def _is_markup(self, t: int, tok_text: str, markup: str) -> bool:
         types = self._types
@@ -189,6 +206,7 @@ _CONTROL_LOCK = threading.Lock()
 
 
 def control_tokens(model: TokenizerLike) -> _ControlTokens:
+    """The model's control-token knowledge (one per model, kept while the model lives)."""
     with _CONTROL_LOCK:
         try:
             found = _CONTROL.get(model)
@@ -200,6 +218,8 @@ def control_tokens(model: TokenizerLike) -> _ControlTokens:
 
 
 def protected_ids(model: TokenizerLike) -> set[int]:
+    """Token ids the caller's text has been found to hold and must not produce (for
+    `tokenize_pieces`)."""
     try:
         found = _CONTROL.get(model)
     except TypeError:
