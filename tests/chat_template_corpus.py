@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +29,6 @@ class Template:
     eos: str = "</s>"
     expected: str | None = None  # llama.cpp's expected rendering of EXPECTED_CONVERSATION
     origin: str = ""
-    extra: list[dict] = field(default_factory=list)
 
 
 def llama_cpp_folder() -> Path | None:
