@@ -3,9 +3,11 @@
 # llama-cpp-python's sdist, so benchmarks compare against the very engine ondevice runs.
 # Output: $ONDEVICE_BENCH_CACHE/llama.cpp-<version>/build/bin/{llama-bench,llama-perplexity}
 # (default cache ~/.cache/ondevice-bench). Nothing is written inside the repository.
+# --source-only: fetch and unpack the sources only (llama.cpp's chat templates, for
+# tests/test_chat_oracle.py); LLAMA_CPP_VERSION names the version where the binding isn't installed.
 set -euo pipefail
 PY="${PYTHON:-python}"
-VER="$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
+VER="${LLAMA_CPP_VERSION:-$("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')}"
 CACHE="${ONDEVICE_BENCH_CACHE:-$HOME/.cache/ondevice-bench}"
 SRC="$CACHE/llama.cpp-$VER"
 mkdir -p "$CACHE"
@@ -16,6 +18,10 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
   rm -rf "$SRC"
   mv "$tmp/llama_cpp_python-$VER/vendor/llama.cpp" "$SRC"
   rm -rf "$tmp"
+fi
+if [ "${1:-}" = "--source-only" ]; then
+  echo "$SRC"
+  exit 0
 fi
 if [ ! -x "$SRC/build/bin/llama-bench" ] || [ ! -x "$SRC/build/bin/llama-perplexity" ]; then
   # Same flags as the binding's own build (GGML_NATIVE on by default), no curl, no tests.

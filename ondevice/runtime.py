@@ -436,15 +436,15 @@ class Model:
     def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Iterator[Chunk]:
         """Stream the reply to OpenAI-style messages in the model's chat format, like stream().
 
-        Keywords: chat_format, max_tokens, stop, cancel and the sampling parameters
-        (see `ondevice.conversation.chat`)."""
+        Keywords: chat_format, tools, documents, allow_control_tokens, max_tokens, stop, cancel
+        and the sampling parameters (see `ondevice.conversation.chat`)."""
         return conversation.chat(self, messages, **kwargs)
 
     def conversation(self, system: str | None = None, **kwargs: Any) -> conversation.Conversation:
         """A `Conversation` that keeps the history and reuses the KV cache between turns.
 
-        Keywords: chat_format, max_tokens, stop and sampling defaults for every turn
-        (see `ondevice.conversation.Conversation`)."""
+        Keywords: chat_format, tools, documents, allow_control_tokens, max_tokens, stop and
+        sampling defaults for every turn (see `ondevice.conversation.Conversation`)."""
         return conversation.Conversation(self, system, **kwargs)
 
     def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> app.AsyncStream:
