@@ -211,18 +211,21 @@ def _generate_speculative(
     out = _Emitter(req.stops, st, t_call)
     limit = _limit(eng, cache, req)
     cached = cache.tokens
-    tok = eng.sample(req.sampler)
-    while True:
+    reason = "length" if limit <= 0 else ""
+    tok = -1
+    while not reason:
+        if req.cancelled():  # before each token, as plain decoding checks
+            reason = "cancelled"
+            break
+        if tok < 0:
+            tok = eng.sample(req.sampler)
         out.sampled()
         reason = _emit(eng, out, tok, limit)
+        if out.pending_chunk is not None:
+            yield out.pending_chunk
         if reason:
             break
         index.append(tok)
-        if out.pending_chunk is not None:
-            yield out.pending_chunk
-        if req.cancelled():
-            reason = "cancelled"
-            break
         room = min(limit - out.n, eng.n_ctx - len(cached) - 1)
         k = spec.length(min(room, len(index.draft(speculate.DRAFT_LENGTHS[-1]))))
         draft = index.draft(k) if k else []
@@ -231,12 +234,10 @@ def _generate_speculative(
             eng.decode_one(tok)
             spec.observe_decode(1, time.perf_counter() - t0)
             cached.append(tok)
-            tok = eng.sample(req.sampler)
+            tok = -1  # sampled at the top, after the cancel check
             continue
         tok, reason, chunks = _verify(eng, cache, req, out, index, tok, draft, limit)
         yield from chunks
-        if reason:
-            break
     yield out.last(reason, req.max_tokens)
 
 
@@ -290,12 +291,12 @@ def _verify(
         accepted += 1
         out.sampled()
         reason = _emit(eng, out, t, limit)
+        if out.pending_chunk is not None:
+            chunks.append(out.pending_chunk)
         if reason:
             break
         index.append(t)
         cached.append(t)
-        if out.pending_chunk is not None:
-            chunks.append(out.pending_chunk)
     spec.observe_draft(len(draft), accepted)
     st = out.st
     st.drafted_tokens += len(draft)
