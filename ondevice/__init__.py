@@ -16,7 +16,7 @@ and checks both against this table, which is the one place the layering is writt
     LAYER native      _native
     LAYER model-files gguf_header gguf_check policy fit chat_sandbox chat_messages chat_formats chat_tokens store locate models tune_store
     LAYER devices     backends
-    LAYER runtime     constrain speculate generation batch app conversation runtime loader
+    LAYER runtime     constrain speculate tools generation batch app conversation runtime loader
     LAYER tools       bench tune pull repl quantize convert
     LAYER interfaces  cli __main__
 

@@ -48,7 +48,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +66,9 @@ from ondevice.errors import ContextOverflow, UsageError
 from ondevice.results import Chunk, Result
 from ondevice.settings import MAX_TOKENS, SAMPLING, Setting, sampling_defaults
 from ondevice.stats import Stats
+from ondevice.tools import ToolCall, ToolPlan, parse_calls
+from ondevice.tools import plan as plan_tools
+from ondevice.tools import trigger_grammar as tool_grammar
 
 FILE_FORMAT = "ondevice.conversation"
 FILE_VERSION = 1
@@ -98,6 +101,45 @@ class Reply(Result):
     turns were dropped from the history to make room for it."""
 
     dropped_turns: int = 0
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def tool_kwargs(p: ToolPlan | None) -> dict[str, Any]:
+    """What a tool plan asks of Model.stream: a constraint from the start (required / named)
+    or a lazy grammar from the call's opening text (auto)."""
+    if p is None or p.choice == "none":
+        return {}
+    if p.json_schema is not None:
+        return {"json_schema": p.json_schema}
+    return {"lazy_grammar": (p.trigger, tool_grammar(p))}
+
+
+def read_calls(model: ModelLike, p: ToolPlan | None, text: str, tokens: list[int]):
+    """(the reply's text without its calls, the calls) — parsed from the text with control
+    tokens written out (Mistral's [TOOL_CALLS] is one)."""
+    if p is None or p.choice == "none" or not tokens:
+        return text, []
+    special = model.detokenize(tokens, special=True) if p.format == "mistral" else text
+    rest, calls = parse_calls(special, p)
+    return (rest if calls else text), calls
+
+
+def assistant_message(
+    text: str, calls: list[ToolCall], fmt: ChatFormat | None = None, raw: str = ""
+) -> dict[str, Any]:
+    """The reply as it goes into the history (OpenAI's shape). A template that can't render
+    tool calls (`chat_formats.capabilities`) gets the reply as the model wrote it instead."""
+    if calls and fmt is not None:
+        caps = chat_formats.capabilities(fmt)
+        if not (caps.object_arguments or caps.string_arguments):
+            return {"role": "assistant", "content": raw.strip()}
+    if not calls:
+        return {"role": "assistant", "content": text.strip()}
+    return {
+        "role": "assistant",
+        "content": text.strip() or None,
+        "tool_calls": [c.to_openai() for c in calls],
+    }
 
 
 def chat(
@@ -108,6 +150,7 @@ def chat(
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
     allow_control_tokens: bool = False,
+    tool_choice: Any = None,
     max_tokens: int = 256,
     stop: str | Sequence[str] | None = None,
     cancel: threading.Event | None = None,
@@ -128,9 +171,11 @@ def chat(
         allow_control_tokens=allow_control_tokens,
     )  # fmt: skip
     tokens = tokenize_pieces(model, prompt.pieces, protected=protected_ids(model))
+    p = plan_tools(tools, tool_choice, fmt.template)
     gen = model.stream(
-        tokens, max_tokens=max_tokens, stop=_stops(fmt, stop), cancel=cancel, **sampling
-    )
+        tokens, max_tokens=max_tokens, stop=_stops(fmt, stop), cancel=cancel,
+        **tool_kwargs(p), **sampling,
+    )  # fmt: skip
     return _tidy(gen, time.perf_counter() - t0)
 
 
@@ -311,6 +356,7 @@ class Conversation:
             self.set(name, value)
         self.last: Reply | None = None
         self.last_prompt: Prompt | None = None  # the last turn's rendered prompt
+        self._tool_plan: ToolPlan | None = None
         self.dropped_turns = 0  # over the conversation's life
         self._ledger = _Ledger()
         self._splittable = splits_cleanly(model)
@@ -436,6 +482,7 @@ class Conversation:
         cancel = kwargs.pop("cancel", None)
         stop = kwargs.pop("stop", None)
         tools = validate_tools(kwargs.pop("tools")) if "tools" in kwargs else self._tools
+        p = plan_tools(tools, kwargs.pop("tool_choice", None), self.format.template)
         docs = kwargs.pop("documents", self._documents)
         docs = validate_tools(docs, "documents")
         opts.update(kwargs)
@@ -445,9 +492,11 @@ class Conversation:
             self.format, [*self.stop, *([stop] if isinstance(stop, str) else stop or [])]
         )
         gen = self.model.stream(
-            plan.tokens, max_tokens=max_tokens, stop=stops, cancel=cancel, **opts
-        )
+            plan.tokens, max_tokens=max_tokens, stop=stops, cancel=cancel, **tool_kwargs(p),
+            **opts,
+        )  # fmt: skip
         self._apply(plan)
+        self._tool_plan = p
         return self._run(gen, turns, new, dropped, time.perf_counter() - t0)
 
     def _run(
@@ -492,11 +541,12 @@ class Conversation:
         st: Stats,
         dropped: int,
     ) -> None:
-        reply = Reply(text, tokens, st, dropped)
+        shown, calls = read_calls(self.model, self._tool_plan, text, tokens)
+        reply = Reply(shown, tokens, st, dropped, calls)
         self.last = reply
         if st.finish_reason == "cancelled" and not text.strip():
             return
-        self._turns = [*turns, *new, {"role": "assistant", "content": text.strip()}]
+        self._turns = [*turns, *new, assistant_message(shown, calls, self.format, text)]
         self.dropped_turns += dropped
         if tokens:
             pieces = self.model.token_bytes(tokens)

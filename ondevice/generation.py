@@ -54,6 +54,52 @@ class TokenCache:
 
 
 @dataclass
+class Trigger:
+    """A lazy grammar: generation is free until `text` appears (its tokens starting at a token
+    boundary); those tokens are replayed into `grammar`, which then constrains what follows,
+    until `end` appears (then generation is free again) or the reply ends."""
+
+    text: str
+    grammar: Grammar
+    end: str = ""
+    recent: list[tuple[int, str]] = field(default_factory=list)  # (token, text) since a call
+    active: bool = False
+
+    def seen(self, eng: Engine, req: Request, tok: int) -> None:
+        """After each token of the reply: switch the grammar on or off."""
+        piece = eng.piece(tok, True).decode("utf-8", errors="replace")
+        self.recent.append((tok, piece))
+        if self.active:
+            if self.end and self.end in "".join(p for _, p in self.recent[-8:]):
+                req.grammar, self.active, self.recent = None, False, []
+            return
+        text = "".join(p for _, p in self.recent)
+        start = text.find(self.text)
+        if start < 0:
+            del self.recent[: max(0, len(self.recent) - 16)]
+            return
+        self._activate(eng, req, start)
+
+    def _activate(self, eng: Engine, req: Request, start: int) -> None:
+        pos, i = 0, 0
+        while i < len(self.recent) and pos < start:
+            pos += len(self.recent[i][1])
+            i += 1
+        replay = [t for t, _ in self.recent[i:]]
+        self.recent = self.recent[i:]
+        if pos != start or not all(self._fits(t) for t in replay):
+            self.recent = []  # not at a token boundary, or not a call after all: stay free
+            return
+        req.grammar, self.active = self.grammar, True
+
+    def _fits(self, tok: int) -> bool:
+        if not self.grammar.allows(tok):
+            return False
+        self.grammar.accept(tok)
+        return True
+
+
+@dataclass
 class Request:
     """One generation: the prompt's tokens, the sampler, and when to stop."""
 
@@ -64,6 +110,7 @@ class Request:
     cancelled: Callable[[], bool]
     grammar: Grammar | None = None
     speculation: speculate.Policy | None = None  # prompt-lookup drafting (ondevice.speculate)
+    trigger: Trigger | None = None  # a grammar that starts when its trigger text appears
     batch: Batch | None = None  # for verifying drafts
     # With a repeat penalty the chain's choice must not be accepted before the grammar agrees
     # (the penalty would remember a refused token): apply the grammar first, always.
@@ -185,6 +232,9 @@ def _generate(
         if is_eog(tok):
             finish_reason = "stop"
             break
+        if req.trigger is not None:
+            req.trigger.seen(eng, req, tok)
+            grammar = req.grammar
         chunk, stopped = out.push(tok, piece(tok))
         if stopped:
             finish_reason = "stop"

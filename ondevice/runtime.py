@@ -33,7 +33,7 @@ from ondevice._native.engine import Batch, Engine, EngineConfig, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice._native.log import offloaded_layers
 from ondevice.errors import ContextOverflow, ModelClosed, UsageError
-from ondevice.generation import Request, TokenCache, stream_tokens
+from ondevice.generation import Request, TokenCache, Trigger, stream_tokens
 from ondevice.gguf_header import GGUFHeader
 from ondevice.results import Chunk, Result
 from ondevice.settings import MAX_TOKENS, sampling_params
@@ -290,6 +290,7 @@ class Model:
         json_schema: Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
         speculative: str | None = None,
+        lazy_grammar: tuple[str, str] | None = None,
         **sampling: Any,
     ) -> Iterator[Chunk]:
         """Stream the completion of `prompt` (text, or token ids) as `Chunk`s.
@@ -309,10 +310,19 @@ class Model:
         `speculative` ("auto", "lookup", "off"; default: the load's) drafts tokens by prompt
         lookup and verifies them in one batched decode (ondevice.speculate): the same text,
         faster where the reply repeats spans of the prompt. Not combined with a grammar.
+
+        `lazy_grammar=(trigger, gbnf)`: free text until `trigger` appears (tool calls: the
+        format's opening tag), then the GBNF, which starts with the trigger, constrains the
+        rest; a trigger that isn't followed by a valid start is left as text.
         """
         params = sampling_params(sampling)
         constraint = constrain.from_request(grammar, json_schema, response_format)
         spec = self._speculation(self.speculative if speculative is None else speculative)
+        if lazy_grammar is not None:
+            if constraint is not None:
+                raise UsageError("lazy_grammar can't be combined with another constraint")
+            trigger, gbnf = lazy_grammar
+            constraint = constrain.Constraint(gbnf, "lazy", trigger=trigger)
         max_tokens = MAX_TOKENS.validate(max_tokens)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         if isinstance(prompt, str):
@@ -370,11 +380,15 @@ class Model:
             )
             sampler = Sampler(params, self.n_vocab)
             req = Request(tokens, sampler, max_tokens, stops, cancelled)
-            if spec is not None and constraint is None:
+            if spec is not None and constraint is None and req.trigger is None:
                 if self._spec_batch is None:
                     self._spec_batch = Batch(speculate.DRAFT_LENGTHS[-1] + 1)
                 req.speculation, req.batch = spec, self._spec_batch
-            if constraint is not None:
+            if constraint is not None and constraint.trigger:
+                grammar = Grammar(eng.vocab, self.n_vocab, constraint.gbnf)
+                req.trigger = Trigger(constraint.trigger, grammar, constraint.trigger_end)
+                st.constraint = "lazy"
+            elif constraint is not None:
                 req.grammar = self._grammar(eng, constraint, st)
                 req.grammar_first = params.repeat_penalty != 1.0
             try:
@@ -388,6 +402,8 @@ class Model:
                 sampler.close()
                 if req.grammar is not None:
                     req.grammar.close()
+                if req.trigger is not None:
+                    req.trigger.grammar.close()
         # The last chunk is handed out after the model is released, so a consumer that stops
         # iterating once it has the stats doesn't keep the model locked.
         yield final

@@ -142,7 +142,10 @@ class Batch:
             self._b = None
 
     def __del__(self) -> None:
-        self.free()
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the binding is gone
+            pass
 
 
 class Engine:
