@@ -34,6 +34,7 @@ from ondevice import constrain, generation
 from ondevice._native.engine import Batch, Engine, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice.errors import ContextOverflow, ModelClosed, OndeviceError, UsageError
+from ondevice.generation import Trigger
 from ondevice.results import Chunk, Result
 from ondevice.settings import MAX_TOKENS, sampling_params
 from ondevice.stats import Stats
@@ -59,6 +60,7 @@ class Job:
     params: Any
     constraint: constrain.Constraint | None
     on_chunk: Callable[[Chunk], Any] | None
+    lazy: tuple[str, str] | None = None  # (trigger, GBNF): a grammar from the trigger on
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     t_submit: float = field(default_factory=time.perf_counter)
@@ -85,6 +87,7 @@ class _Slot:
     job: Job | None = None
     sampler: Sampler | None = None
     grammar: Grammar | None = None
+    trigger: Trigger | None = None
     prefill: int = 0  # index in job.tokens of the next prompt token to evaluate
     next_token: int | None = None  # sampled, to be evaluated next step
     index: int = -1  # this step: the batch index of the token whose logits we sample
@@ -136,6 +139,7 @@ class Scheduler:
         grammar: str | None = None,
         json_schema: Any = None,
         response_format: Any = None,
+        lazy_grammar: tuple[str, str] | None = None,
         **sampling: Any,
     ) -> Job:
         """Queue a generation; returns its Job at once. `on_chunk` is called on the scheduler
@@ -154,6 +158,10 @@ class Scheduler:
             )
         stops = [s for s in stop if s]
         job = Job(next(self._ids), tokens, max_tokens, stops, params, constraint, on_chunk)
+        if lazy_grammar is not None:
+            if constraint is not None:
+                raise UsageError("lazy_grammar can't be combined with another constraint")
+            job.lazy = (str(lazy_grammar[0]), str(lazy_grammar[1]))
         with self._cv:
             if self._closed:
                 raise ModelClosed("the scheduler is closed")
@@ -251,9 +259,12 @@ class Scheduler:
         slot.job, job.slot = job, slot.seq
         slot.prefill, slot.next_token = common, None
         slot.sampler = Sampler(job.params, eng.n_vocab)
-        slot.grammar = None
+        slot.grammar, slot.trigger = None, None
         if job.constraint is not None:
             slot.grammar = Grammar(eng.vocab, eng.n_vocab, job.constraint.gbnf)
+        elif job.lazy is not None:
+            text, gbnf = job.lazy
+            slot.trigger = Trigger(text, Grammar(eng.vocab, eng.n_vocab, gbnf))
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.pending, slot.parts, slot.new_tokens, slot.generated = "", [], [], []
         slot.stats = Stats(
@@ -324,6 +335,8 @@ class Scheduler:
         self.counters["generated_tokens"] += 1
         if eng.is_eog(tok):
             return self._end(s, "stop")
+        if s.trigger is not None:
+            s.trigger.seen(eng, s, tok)  # sets s.grammar when a call starts
         s.new_tokens.append(tok)
         s.pending += s.decoder.decode(eng.piece(tok))
         if self._emit_text(s):
@@ -395,9 +408,12 @@ class Scheduler:
     def _reset(self, s: _Slot) -> None:
         if s.sampler is not None:
             s.sampler.close()
-        if s.grammar is not None:
+        if s.trigger is not None:
+            s.trigger.grammar.close()
+        elif s.grammar is not None:
             s.grammar.close()
         s.job, s.sampler, s.grammar, s.next_token, s.index = None, None, None, None, -1
+        s.trigger = None
 
     def _finish_unstarted(self, job: Job) -> None:
         st = Stats(finish_reason="cancelled", prompt_tokens=len(job.tokens))

@@ -87,6 +87,10 @@ class Model:
         self.offloaded: tuple[int, int] | None = offloaded_layers(self.load_log)
         self._kv_bytes = kv_bytes
         self._lock = threading.Lock()
+        # Tokenizing reads only the vocabulary, which llama.cpp never changes: it needs no turn
+        # at the model (so an HTTP thread can tokenize while the scheduler decodes), only that
+        # close() doesn't free the vocabulary under it.
+        self._vocab_lock = threading.Lock()
         self._owner: int | None = None
         self._cancel = threading.Event()
         self._closing = False
@@ -119,9 +123,10 @@ class Model:
             self._close_pending = True
 
     def _free(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        with self._vocab_lock:  # no tokenization may be running on another thread
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
 
     @property
     def closed(self) -> bool:
@@ -205,29 +210,41 @@ class Model:
         """Token ids of `text` (a str, or UTF-8 bytes). `parse_special` turns written control
         tokens (`<|im_start|>`) into their ids; pass False for untrusted text."""
         data = _utf8(text)
-        with self.lock():
+        with self._vocab():
             return self._live_engine().tokenize(
                 data, add_special=add_special, parse_special=parse_special
             )
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         """The text of token ids; UsageError for an id outside the vocabulary."""
-        with self.lock():
+        with self._vocab():
             return self._live_engine().detokenize(list(tokens), special=special)
 
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends generation (end of text, end of turn...)."""
-        with self.lock():
+        with self._vocab():
             eng = self._live_engine()
             eng.check_tokens([token])
             return eng.is_eog(token)
 
     def token_bytes(self, tokens: Sequence[int], *, special: bool = True) -> list[bytes]:
         """Each token's bytes (a token may hold part of a UTF-8 character)."""
-        with self.lock():
+        with self._vocab():
             eng = self._live_engine()
             eng.check_tokens(tokens)
-            return [eng.piece(t, special) for t in tokens]
+            return [self._piece(eng, t, special) for t in tokens]
+
+    @contextlib.contextmanager
+    def _vocab(self) -> Iterator[None]:
+        with self._vocab_lock:
+            if self.closed:
+                raise ModelClosed("the model is closed", hint="load it again with ondevice.load()")
+            yield
+
+    @staticmethod
+    def _piece(eng: Engine, token: int, special: bool) -> bytes:
+        # The engine's shared piece buffer belongs to the generating thread: use a fresh one.
+        return eng.piece_copy(token, special)
 
     # --- concurrency and the KV cache ----------------------------------------------------
     def lock(self) -> _ModelLock:
