@@ -14,7 +14,7 @@ and checks both against this table, which is the one place the layering is writt
 
     LAYER foundation  errors paths settings stats results system logits
     LAYER native      _native
-    LAYER model-files gguf_header gguf_check policy fit chat_formats store locate models tune_store
+    LAYER model-files tensor_roles model_check gguf_header gguf_check probe policy fit chat_formats store locate models tune_store
     LAYER devices     backends
     LAYER runtime     generation app conversation runtime loader
     LAYER tools       bench tune pull repl quantize convert

@@ -100,6 +100,9 @@ class TinySpec:
     extra_tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tokens: list[str] | None = None
     float_only: bool = False  # F16 matrices only (a quantizer input), no Q8_0
+    # tensor name -> ggml type to store it as (its data: random values or bytes of that type)
+    types: dict[str, Q] = field(default_factory=dict)
+    alignment: int | None = None  # general.alignment (None: the default 32, not written)
 
 
 def tiny_tensors(spec: TinySpec, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Q]]:
@@ -177,6 +180,8 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
             shapes[name] = (override, shapes.get(name, (override, Q.F32))[1])
     for name, shape in spec.extra_tensors.items():
         shapes[name] = (shape, Q.F32)
+    if spec.alignment is not None:
+        w.add_custom_alignment(spec.alignment)
     for name, (shape, qtype) in shapes.items():
         if spec.float_only and qtype == Q.Q8_0:
             qtype = Q.F16
@@ -184,7 +189,9 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
             data = np.ones(shape, dtype=np.float32)
         else:
             data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        if qtype == Q.F16:
+        if name in spec.types:
+            _add_typed(w, name, data, spec.types[name], rng)
+        elif qtype == Q.F16:
             w.add_tensor(name, data.astype(np.float16))
         elif qtype == Q.Q8_0:
             from gguf.quants import quantize
@@ -197,6 +204,29 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_PLAIN = {Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16, Q.I32: np.int32, Q.I64: np.int64}
+
+
+def _add_typed(w: GGUFWriter, name: str, data: np.ndarray, qtype: Q, rng: Any) -> None:
+    """A tensor stored as `qtype`, whatever its role: plain types get the values converted
+    (integers: small ones), block types random bytes of the right size."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if qtype == Q.F32:
+        w.add_tensor(name, data)
+    elif qtype == Q.F16:
+        w.add_tensor(name, data.astype(np.float16))
+    elif qtype in _PLAIN:
+        dtype = _PLAIN[qtype]
+        values = data if qtype == Q.F64 else np.round(data * 20)
+        w.add_tensor(name, values.astype(dtype))
+    else:
+        block, size = GGML_QUANT_SIZES[qtype]
+        row = data.shape[-1] // block * size
+        raw = rng.integers(0, 256, (*data.shape[:-1], row), dtype=np.uint8)
+        w.add_tensor(name, raw, raw_dtype=qtype)
 
 
 # --- a trusting layout parser for valid files -------------------------------------------------
