@@ -32,6 +32,7 @@ from ondevice.convert.tokenizer import load_bpe_vocab
 
 from ondevice import paths
 from ondevice.errors import ConversionError
+from ondevice.probe import check_written
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +318,9 @@ def convert_folder(
                 raise ConversionError(f"writing {out} failed: {exc}") from exc
             finally:
                 writer.close()
+            # The hyperparameters came from an untrusted config.json: check the output as a
+            # first load would (ondevice.probe), before it appears under its name.
+            check_written(tmp, shown=out, error=ConversionError)
     logger.info("wrote %s (%d tensors, %s)", out, len(plan), outtype)
     return out
 

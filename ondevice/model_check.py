@@ -94,9 +94,9 @@ def _per_layer(value: Any, n_layer: int) -> list[int] | None:
 
 def check_heads(header: GGUFHeader, where: _Where) -> None:
     """Attention heads per layer: the KV heads must divide the query heads (ggml_mul_mat and
-    ggml_flash_attn_ext assert it for grouped-query attention), and a 0 in a per-layer array
-    is only meaningful to the architectures in ZERO_HEAD_ARCHS (recurrent or attention-free
-    layers); llama asserts on it."""
+    ggml_flash_attn_ext assert it for grouped-query attention), and a 0 in a per-layer KV head
+    array is only meaningful to the architectures in ZERO_HEAD_ARCHS (recurrent or
+    attention-free layers); llama asserts on it. (A scalar 0 llama.cpp refuses by itself.)"""
     arch = header.architecture
     n_layer = int(header.arch_value("block_count", 0) or 0)
     key_h, key_kv = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
@@ -104,10 +104,9 @@ def check_heads(header: GGUFHeader, where: _Where) -> None:
     kv_heads = _per_layer(header.metadata.get(key_kv), n_layer) or heads
     if heads is None or kv_heads is None:
         return  # no attention heads: llama.cpp's non-transformer path
-    for key in (key_h, key_kv):
-        raw = header.metadata.get(key)
-        if isinstance(raw, list) and 0 in raw and arch not in ZERO_HEAD_ARCHS:
-            where.key(key, f"layer {raw.index(0)} has 0 heads, which {arch!r} can't run")
+    raw = header.metadata.get(key_kv)
+    if isinstance(raw, list) and 0 in raw and arch not in ZERO_HEAD_ARCHS:
+        where.key(key_kv, f"layer {raw.index(0)} has 0 KV heads, which {arch!r} can't run")
     for il, (h, kv) in enumerate(zip(heads, kv_heads, strict=False)):
         if h > 0 and kv > 0 and h % kv:
             key = key_kv if key_kv in header.metadata else key_h
@@ -186,8 +185,7 @@ def _check_type(where: _Where, index: int, type_name: str, ops: Sequence[str], t
     allowed = allowed_types(ops)
     if allowed is None or type_name in allowed:
         return
-    role = {"MUL_MAT": "a matrix", "MUL_MAT_ID": "an expert matrix", "GET_ROWS": "an embedding"}
-    what = " / ".join(role.get(op, f"a {op.lower()} operand") for op in ops)
+    what = " / ".join(_ROLE_WORDS.get(op, op) for op in ops)
     if tied:
         what = "the output matrix (no output.weight: the embedding is reused)"
     shown = ", ".join(sorted(allowed)) if len(allowed) <= 3 else f"{len(allowed)} other types"
@@ -196,6 +194,18 @@ def _check_type(where: _Where, index: int, type_name: str, ops: Sequence[str], t
         f"type {type_name} can't be computed as {what} by llama.cpp's CPU backend "
         f"(it would crash at the first decode; allowed: {shown})",
     )
+
+
+_ROLE_WORDS = {
+    "MUL_MAT": "a matrix",
+    "MUL_MAT_ID": "an expert matrix",
+    "GET_ROWS": "an embedding",
+    "MUL": "a norm or scale weight (multiplied in)",
+    "ADD": "a bias (added in)",
+    "ADD_ID": "an expert bias (added in)",
+    "DIV": "a divisor",
+    "ROPE": "rotary frequency factors",
+}
 
 
 def check_special_tokens(header: GGUFHeader, where: _Where) -> None:

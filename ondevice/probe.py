@@ -113,8 +113,10 @@ def known_good(ident: Identity) -> bool:
     if KNOWN_GOOD.get(ident.header_sha256) == ident.size:
         return True
     try:
-        entry = json.loads(_entry_path(ident).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with open(_entry_path(ident), "rb") as f:
+            raw = f.read(1 << 16)  # an entry is ~300 bytes; anything else is not one of ours
+        entry = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(entry, dict) and entry.get("identity") == dataclasses.asdict(ident)
 
@@ -170,7 +172,12 @@ def check_written(
 ) -> None:
     """A file ondevice has just written (pull, convert, quantize): validated and probed with
     the default settings, so that it is refused now and its first load is free."""
-    header = read_header(path)
+    try:
+        header = read_header(path)
+    except InvalidModelFile as exc:
+        if error is None or issubclass(error, InvalidModelFile):
+            raise
+        raise error(f"{shown or path}: {exc.message}", hint=exc.hint) from None
     ensure_safe(path, header, None, shown=shown, error=error)
 
 
