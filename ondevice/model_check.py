@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ondevice.errors import InvalidModelFile
-from ondevice.tensor_roles import OP_TYPES, ROLE_OPS, ZERO_HEAD_ARCHS
+from ondevice.tensor_roles import OP_TYPES, PER_LAYER_KV_ARCHS, ROLE_OPS, ZERO_HEAD_ARCHS
 
 if TYPE_CHECKING:
     from ondevice.gguf_header import GGUFHeader
@@ -96,7 +96,11 @@ def check_heads(header: GGUFHeader, where: _Where) -> None:
     """Attention heads per layer: the KV heads must divide the query heads (ggml_mul_mat and
     ggml_flash_attn_ext assert it for grouped-query attention), and a 0 in a per-layer KV head
     array is only meaningful to the architectures in ZERO_HEAD_ARCHS (recurrent or
-    attention-free layers); llama asserts on it. (A scalar 0 llama.cpp refuses by itself.)"""
+    attention-free layers); llama asserts on it. (A scalar 0 llama.cpp refuses by itself.) And
+    outside PER_LAYER_KV_ARCHS the per-layer KV head counts must all be layer 0's: llama.cpp
+    creates those architectures' K/V tensors with layer 0's count (LLAMA_LOAD_LOCALS) and
+    builds the graph with each layer's own, so a varying array passes the tensor shape check
+    and aborts at the first decode."""
     arch = header.architecture
     n_layer = int(header.arch_value("block_count", 0) or 0)
     key_h, key_kv = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
@@ -107,6 +111,15 @@ def check_heads(header: GGUFHeader, where: _Where) -> None:
     raw = header.metadata.get(key_kv)
     if isinstance(raw, list) and 0 in raw and arch not in ZERO_HEAD_ARCHS:
         where.key(key_kv, f"layer {raw.index(0)} has 0 KV heads, which {arch!r} can't run")
+    if isinstance(raw, list) and raw and arch not in PER_LAYER_KV_ARCHS:
+        counts = [v for v in raw if v or arch not in ZERO_HEAD_ARCHS]
+        odd = next((i for i, v in enumerate(raw) if v in counts and v != counts[0]), None)
+        if odd is not None:
+            where.key(
+                key_kv,
+                f"layer {odd} has {raw[odd]} KV heads, layer 0 {counts[0]}: {arch!r} sizes every "
+                "layer's K/V projections by layer 0 (its graph would not match them)",
+            )
     for il, (h, kv) in enumerate(zip(heads, kv_heads, strict=False)):
         if h > 0 and kv > 0 and h % kv:
             key = key_kv if key_kv in header.metadata else key_h

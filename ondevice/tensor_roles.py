@@ -308,3 +308,10 @@ ZERO_HEAD_ARCHS: frozenset[str] = frozenset(
     "kimi-linear lfm2 lfm2moe mamba mamba2 minimax-01 nemotron_h nemotron_h_moe plamo2 qwen35 "
     "qwen35moe qwen3next qwen4exp rwkv6 rwkv6qwen2 rwkv7".split()
 )
+
+# architectures that size each layer's K/V projections by that layer's KV head count;
+# elsewhere every layer must have layer 0's count
+PER_LAYER_KV_ARCHS: frozenset[str] = frozenset(
+    "deci falcon-h1 gemma4 granitehybrid jamba laguna lfm2 lfm2moe mimo2 nemotron_h openelm "
+    "plamo2 plamo3 spark2_5 step35".split()
+)

@@ -85,16 +85,12 @@ def get_rows_types(src: Path) -> set[str]:
 _ZERO_TEST = re.compile(r"\bn_head(?:_kv)?(?:\(\w*\))? == 0")
 
 
-def zero_head_archs(src: Path) -> set[str]:
-    """Architectures whose code gives a layer with 0 (KV) heads a meaning (a recurrent or
-    attention-free layer): the models/*.cpp that test a head count against 0, mapped through
-    llama_model_mapping (llama-model.cpp) and LLM_ARCH_NAMES, plus every recurrent or hybrid
-    architecture (llm_arch_is_recurrent / llm_arch_is_hybrid in llama-arch.cpp)."""
-    classes = set()
-    for path in sorted((src / "src/models").glob("*.cpp")):
-        text = path.read_text()
-        if _ZERO_TEST.search(text):
-            classes.update(re.findall(r"\bllama_model_(\w+)::", text))
+_PER_LAYER_KV = re.compile(r"\bn_head_kv\(\w+\)|\bn_embd_[kv]_gqa\(\w+\)")
+
+
+def _arch_names(src: Path, classes: set[str]) -> set[str]:
+    """The architecture names (LLM_ARCH_NAMES) whose model class (llama_model_mapping in
+    llama-model.cpp) is one of `classes`."""
     mapping = (src / "src/llama-model.cpp").read_text()
     mapping = mapping[mapping.index("llama_model_mapping(") :]
     mapping = mapping[: mapping.index("\n}\n")]
@@ -108,12 +104,43 @@ def zero_head_archs(src: Path) -> set[str]:
                 enums.update(pending)
             pending = []
     arch_cpp = (src / "src/llama-arch.cpp").read_text()
+    names = dict(re.findall(r"\{\s*(LLM_ARCH_\w+)\s*,\s*\"([^\"]+)\"\s*\}", arch_cpp))
+    return {names[e] for e in enums if e in names}
+
+
+def zero_head_archs(src: Path) -> set[str]:
+    """Architectures whose code gives a layer with 0 (KV) heads a meaning (a recurrent or
+    attention-free layer): the models/*.cpp that test a head count against 0, plus every
+    recurrent or hybrid architecture (llm_arch_is_recurrent / llm_arch_is_hybrid)."""
+    classes = set()
+    for path in sorted((src / "src/models").glob("*.cpp")):
+        text = path.read_text()
+        if _ZERO_TEST.search(text):
+            classes.update(re.findall(r"\bllama_model_(\w+)::", text))
+    out = _arch_names(src, classes)
+    arch_cpp = (src / "src/llama-arch.cpp").read_text()
+    names = dict(re.findall(r"\{\s*(LLM_ARCH_\w+)\s*,\s*\"([^\"]+)\"\s*\}", arch_cpp))
     for fn in ("llm_arch_is_recurrent", "llm_arch_is_hybrid"):
         body = arch_cpp[arch_cpp.index(f"bool {fn}(") :]
         body = body[: body.index("default:")]
-        enums.update(re.findall(r"case (LLM_ARCH_\w+):", body))
-    names = dict(re.findall(r"\{\s*(LLM_ARCH_\w+)\s*,\s*\"([^\"]+)\"\s*\}", arch_cpp))
-    return {names[e] for e in enums if e in names}
+        out.update(names[e] for e in re.findall(r"case (LLM_ARCH_\w+):", body) if e in names)
+    return out
+
+
+def per_layer_kv_archs(src: Path) -> set[str]:
+    """Architectures that size each layer's K/V projections by that layer's own KV head count
+    (their load_arch_tensors asks n_head_kv(i) or n_embd_k_gqa(i)). The others size every layer
+    by layer 0 (LLAMA_LOAD_LOCALS) while the graph reshapes by the layer's own count: a
+    per-layer array that varies aborts them (GGML_ASSERT(a->ne[0] == b->ne[0]))."""
+    classes = set()
+    for path in sorted((src / "src/models").glob("*.cpp")):
+        text = path.read_text()
+        for cls, body in re.findall(
+            r"void llama_model_(\w+)::load_arch_tensors\(.*?\{(.*?)\n\}", text, re.S
+        ):
+            if _PER_LAYER_KV.search(body):
+                classes.add(cls)
+    return _arch_names(src, classes)
 
 
 def derive(src: Path) -> tuple[dict[str, frozenset[str]], dict[str, list[str]]]:
@@ -186,6 +213,12 @@ def render(src: Path) -> str:
         "# layers); elsewhere a 0 in a per-layer head count array aborts llama.cpp",
         "ZERO_HEAD_ARCHS: frozenset[str] = frozenset(",
         *_wrapped(sorted(zero_head_archs(src)), "    "),
+        ")",
+        "",
+        "# architectures that size each layer's K/V projections by that layer's KV head count;",
+        "# elsewhere every layer must have layer 0's count",
+        "PER_LAYER_KV_ARCHS: frozenset[str] = frozenset(",
+        *_wrapped(sorted(per_layer_kv_archs(src)), "    "),
         ")",
     ]
     return "\n".join(lines) + "\n"

@@ -197,11 +197,32 @@ def test_every_real_file_we_make_passes(demo_path, tmp_path):
         TinySpec(tensors={"output.weight": None}),
         TinySpec(extra_tensors={"blk.0.attn_q.bias": (64,)}),
         TinySpec(types={"token_embd.weight": Q.BF16, "blk.0.attn_q.weight": Q.Q4_K}, n_embd=256),
-        TinySpec(kv={"llama.attention.head_count_kv": ([2, 4], V.ARRAY, V.UINT32)}),
+        TinySpec(kv={"llama.attention.head_count_kv": ([2, 2], V.ARRAY, V.UINT32)}),
         TinySpec(extra_tensors={"rope_freqs.weight": (8,)}),
     ]
     for i, spec in enumerate(specs):
         read_header(build_tiny_llama(tmp_path / f"ok{i}.gguf", spec))
+
+
+def test_zero_kv_heads_pass_where_llama_cpp_gives_them_a_meaning(tmp_path):
+    """A 0 in head_count_kv marks a recurrent layer in the hybrid architectures (jamba, lfm2,
+    ...): refused for llama, accepted for those."""
+    from ondevice.gguf_header import GGUFHeader
+
+    def header(arch: str) -> GGUFHeader:
+        md = {
+            "general.architecture": arch,
+            f"{arch}.block_count": 2,
+            f"{arch}.embedding_length": 64,
+            f"{arch}.attention.head_count": 4,
+            f"{arch}.attention.head_count_kv": [2, 0],
+        }
+        return GGUFHeader("x.gguf", 3, md, {}, [], 32, 0, 0)
+
+    assert "jamba" in tensor_roles.ZERO_HEAD_ARCHS and "llama" not in tensor_roles.ZERO_HEAD_ARCHS
+    model_check.check_heads(header("jamba"), model_check._Where(header("jamba"), {}, []))
+    with pytest.raises(InvalidModelFile, match="0 KV heads"):
+        model_check.check_heads(header("llama"), model_check._Where(header("llama"), {}, []))
 
 
 def _cpu_config() -> EngineConfig:

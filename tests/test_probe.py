@@ -267,6 +267,8 @@ def test_out_of_range_ids_are_usage_errors(demo_model):
             demo_model.token_bytes(bad)
     with pytest.raises(UsageError):
         demo_model.score([1, n + 5])
+    with pytest.raises(UsageError):
+        demo_model.generate([1, n + 5], max_tokens=1)
     assert demo_model.detokenize([1, 2]) is not None  # still alive and usable
 
 
