@@ -98,8 +98,8 @@ def load(
 
     The file is validated before llama.cpp sees it: a malformed file raises InvalidModelFile
     instead of crashing the process. The first load of a file this machine has not run before
-    happens in a child process first (ondevice.probe: ~0.5 s for the demo model, remembered
-    afterwards), so a file llama.cpp aborts on raises InvalidModelFile instead of killing this
+    happens in a child process first (ondevice.probe: about 1 s for a 100 MB model, about one
+    more load of a larger one; remembered afterwards), so a file llama.cpp aborts on raises InvalidModelFile instead of killing this
     one. A file whose tensors would be misaligned in memory is read without mmap.
     trust        skip that child-process check: for files you made or vetted yourself. It
                  risks the whole process: a file llama.cpp aborts on (SIGABRT, SIGSEGV) then

@@ -272,6 +272,18 @@ def test_out_of_range_ids_are_usage_errors(demo_model):
     assert demo_model.detokenize([1, 2]) is not None  # still alive and usable
 
 
+def test_absurd_thread_counts_are_usage_errors():
+    """`--threads 99999999999` used to reach llama.cpp (std::bad_alloc, an abort)."""
+    from click.testing import CliRunner
+
+    from ondevice.cli import main as cli_main
+
+    with pytest.raises(UsageError, match="1 to 4096"):
+        ondevice.load("demo", threads=99999999999)
+    r = CliRunner().invoke(cli_main, ["run", "demo", "hi", "--threads", "99999999999"])
+    assert r.exit_code == 2 and "1 to 4096" in r.output
+
+
 # --- files ondevice writes are checked once, when written ----------------------------------------
 
 
