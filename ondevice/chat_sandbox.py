@@ -26,7 +26,6 @@ Whatever a template does wrong — a syntax error, Python's own nesting limits, 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import re
@@ -46,8 +45,8 @@ from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ondevice import stats
 from ondevice.errors import ChatFormatError, OndeviceError
+from ondevice.watchdog import Exceeded, run_bounded
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,6 @@ MAX_INT_BITS = 4096
 _MAX_WIDTH = 100_000  # padding/indent widths a template may ask for
 _MAX_JSON_INDENT = 64
 _POLL_S = 0.005
-
-
-class _RenderAborted(BaseException):
-    """Raised inside the rendering thread to stop it (a BaseException: templates can't catch it,
-    and neither can jinja's own `except Exception` handlers)."""
 
 
 def _too_big(what: str) -> SecurityError:
@@ -690,59 +684,27 @@ def _watched(
     name: str,
     shown_s: float | None = None,
 ) -> Any:
-    """Run `fn` in a helper thread while this one watches the clock and the process's RSS.
-
-    On a breach it raises an exception inside the helper (CPython's PyThreadState_SetAsyncExc,
-    delivered between two bytecodes) and ChatFormatError here; what `fn` raises comes back
-    wrapped in `_Failed`. Single C-level operations can't be interrupted: the environment's
-    checks keep each of them small.
-    """
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            result["error"] = exc
-
-    rss0 = stats.rss_bytes()
-    deadline = time.monotonic() + timeout_s
-    worker = threading.Thread(target=work, name="ondevice-chat-template", daemon=True)
-    worker.start()
-    worker.join(_POLL_S)
-    while worker.is_alive():
-        reason = None
-        if time.monotonic() > deadline:
-            reason = f"took longer than {shown_s or timeout_s:g} s"
-        elif stats.rss_bytes() - rss0 > max_rss_growth:
-            reason = f"used more than {max_rss_growth // (1024 * 1024)} MiB of memory"
-        if reason:
-            _interrupt(worker)
-            worker.join(0.5)
-            what = f"rendering {name}" if name else "compiling the chat template"
-            raise RenderStopped(
-                f"{what} {reason}; stopped",
-                hint="the template may be malicious or broken: pass --chat-format with a "
-                "built-in format",
-            )
-        worker.join(_POLL_S)
-    if "error" in result:
-        err = result.pop("error")
-        if isinstance(err, _RenderAborted) or not isinstance(err, Exception):
-            raise err
-        raise _Failed(err)
-    return result["value"]
-
-
-def _interrupt(thread: threading.Thread) -> None:
-    if thread.ident is None:
-        return
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread.ident), ctypes.py_object(_RenderAborted)
-    )
-    if n > 1:  # "if it returns a number greater than one, you're in trouble": undo
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
-    log.warning("stopped a chat template render in thread %s", thread.name)
+    """Run `fn` within the time and memory bound (ondevice.watchdog); a breach is
+    RenderStopped, and what `fn` raises comes back wrapped in `_Failed`. Single C-level
+    operations can't be interrupted: the environment's checks keep each of them small."""
+    try:
+        return run_bounded(
+            fn,
+            timeout_s=timeout_s,
+            max_rss_growth=max_rss_growth,
+            name="ondevice-chat-template",
+            poll_s=_POLL_S,
+            shown_s=shown_s,
+        )
+    except Exceeded as exc:
+        what = f"rendering {name}" if name else "compiling the chat template"
+        raise RenderStopped(
+            f"{what} {exc.reason}; stopped",
+            hint="the template may be malicious or broken: pass --chat-format with a "
+            "built-in format",
+        ) from None
+    except Exception as err:  # noqa: BLE001 - the template's own failure, reported as such
+        raise _Failed(err) from None
 
 
 def literal_text(source: str) -> str:
