@@ -8,7 +8,7 @@ per client from its request to its first token. Rounds go server by server at ea
 (the machine is shared: compare medians of interleaved rounds).
 
 The same engine and settings on every side: llama-server is built from the installed binding's
-vendored llama.cpp (build_llama_tools.sh) and runs with `-np N` (continuous batching), `-c N x
+vendored llama.cpp (`LLAMA_TOOLS=llama-server build_llama_tools.sh`) and runs with `-np N` (continuous batching), `-c N x
 ctx`, the same threads, `-fa off` (ondevice's choice on the CPU), f16 KV, and weight repacking
 as ondevice decides it (`--no-repack` on AMX builds, where ondevice turns it off).
 llama-cpp-python's server (`python -m llama_cpp.server`, in its own venv so the shared one keeps
@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_vs_llama_bench import CACHE, model_path  # noqa: E402
-from stream_vs_llama_bench import llama_bench_bin, machine_line, median, write_results  # noqa: E402
+from stream_vs_llama_bench import machine_line, median, write_results  # noqa: E402
 
 SECTION = "## ondevice serve vs llama-server and llama-cpp-python's server (issue 16)"
 LCPP_VENV = CACHE / "lcpp-server-venv"
@@ -53,6 +53,16 @@ def prompt(i: int) -> str:
     """A counting sequence from a different start per client: models keep continuing it."""
     start = 1 + 37 * i
     return ", ".join(str(n) for n in range(start, start + 12)) + ","
+
+
+def llama_server_bin() -> Path:
+    """llama-server, built from the installed binding's sdist if it isn't yet."""
+    env = dict(os.environ, LLAMA_TOOLS="llama-server")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHON", sys.executable)
+    out = subprocess.run(["bash", str(HERE / "build_llama_tools.sh")], check=True,
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    return Path(out.stdout.strip().splitlines()[-1]) / "llama-server"
 
 
 def free_port() -> int:
@@ -75,7 +85,7 @@ def command(server: str, model: Path, port: int, n: int, ctx: int, threads: int)
                 "--parallel", str(n), "--ctx", str(ctx), "--threads", str(threads),
                 "--name", "m", "--no-tune", "--max-queue", "64"]  # fmt: skip
     if server == "llama-server":
-        binary = llama_bench_bin().parent / "llama-server"
+        binary = llama_server_bin()
         cmd = [str(binary), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
                "-np", str(n), "-c", str(n * ctx), "-t", str(threads), "-tb", str(threads),
                "-fa", "off", "-b", "2048", "-ub", "512", "--no-webui", "-a", "m"]  # fmt: skip

@@ -32,6 +32,7 @@ from ondevice.convert.tokenizer import llama_cpp_name, load_vocab
 
 from ondevice import paths
 from ondevice.errors import ConversionError
+from ondevice.probe import check_written
 
 logger = logging.getLogger(__name__)
 
@@ -350,6 +351,9 @@ def convert_folder(
                 raise ConversionError(f"writing {out} failed: {exc}") from exc
             finally:
                 writer.close()
+            # The hyperparameters came from an untrusted config.json: check the output as a
+            # first load would (ondevice.probe), before it appears under its name.
+            check_written(tmp, shown=out, error=ConversionError)
     logger.info("wrote %s (%d tensors, %s)", out, len(plan), outtype)
     return out
 

@@ -14,9 +14,9 @@ and checks both against this table, which is the one place the layering is writt
 
     LAYER foundation  errors paths processes settings stats results system logits watchdog
     LAYER native      _native
-    LAYER model-files gguf_header gguf_check policy fit chat_formats store locate models tune_store
+    LAYER model-files tensor_roles model_check gguf_header gguf_check probe policy fit chat_sandbox chat_messages chat_formats chat_tokens store locate models tune_store
     LAYER devices     backends
-    LAYER runtime     constrain generation batch app conversation runtime loader
+    LAYER runtime     constrain speculate tools generation batch app conversation runtime loader
     LAYER tools       bench tune pull repl quantize convert
     LAYER services    server
     LAYER interfaces  cli __main__

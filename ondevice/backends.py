@@ -63,16 +63,9 @@ GPU_RESERVE_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
-class Device:
-    """One ggml device: index in the registry, backend (registry) name, type and memory."""
-
-    index: int
-    name: str  # e.g. "CPU", "Vulkan0", "MTL0"
-    description: str
-    type: str  # cpu | gpu | igpu | accel
-    backend: str  # registry name: "CPU", "Vulkan", "MTL", "CUDA", ...
-    memory_free: int
-    memory_total: int
+class Device(native_devices.DeviceInfo):
+    """One ggml device (index in the registry, name, type, backend's registry name, memory),
+    with what `choose()` asks of it."""
 
     @property
     def family(self) -> str:

@@ -19,9 +19,8 @@ chunks (`prefill_chunk` tokens a step while others generate), so a long prompt n
 the other streams. The per-token work per sequence is what `Model.stream` does for one: one
 native sample, one piece, the stop check; the batch is built in place.
 
-From other threads, `Scheduler.vocab` tokenizes and detokenizes without waiting for the
-scheduler (llama.cpp's vocabulary is read-only once loaded; the scheduler holds the model's
-lock for its whole life, so `Model.tokenize` would wait). `submit_async` hands a job's chunks to
+While the scheduler holds the model, other threads still tokenize with `Model.tokenize` (it
+needs only the vocabulary, not a turn at the model). `submit_async` hands a job's chunks to
 an asyncio loop (one `call_soon_threadsafe` per burst of chunks, not per token). A job may have
 a wall-time limit (`time_limit_s`): one that runs out while generating ends with finish_reason
 "length" and a note; one that runs out while still queued fails with `QueueTimeout`. Cancelled
@@ -45,6 +44,7 @@ from ondevice import constrain, generation
 from ondevice._native.engine import Batch, Engine, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice.errors import ContextOverflow, ModelClosed, OndeviceError, UsageError
+from ondevice.generation import Trigger
 from ondevice.results import Chunk, Result
 from ondevice.settings import MAX_TOKENS, sampling_params
 from ondevice.stats import Stats
@@ -75,6 +75,7 @@ class Job:
     constraint: constrain.Constraint | None
     on_chunk: Callable[[Chunk], Any] | None
     on_done: Callable[[Job], Any] | None = None  # called once, on the scheduler thread, when done
+    lazy: tuple[str, str] | None = None  # (trigger, GBNF): a grammar from the trigger on
     deadline: float | None = None  # perf_counter() time its time limit runs out
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -91,37 +92,6 @@ class Job:
             raise self.error
         assert self.result is not None
         return self.result
-
-
-class Vocab:
-    """The model's vocabulary, usable from any thread while the scheduler generates: what chat
-    rendering and tokenization need of a model (ondevice.conversation's ModelLike, without
-    `stream`). llama.cpp's tokenizer only reads the vocabulary, which nothing changes once the
-    model is loaded; llama-server tokenizes on its HTTP threads the same way."""
-
-    def __init__(self, model: Any, eng: Engine) -> None:
-        self._eng = eng
-        self.path = model.path
-        self.metadata: dict[str, Any] = model.metadata
-        self.bos, self.eos, self.add_bos = eng.bos, eng.eos, eng.add_bos
-        self.n_ctx, self.n_vocab = eng.n_ctx, eng.n_vocab
-
-    def tokenize(
-        self, text: str | bytes, *, add_special: bool = True, parse_special: bool = True
-    ) -> list[int]:
-        return self._eng.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def token_bytes(self, tokens: Sequence[int], *, special: bool = True) -> list[bytes]:
-        self._eng.check_tokens(tokens)
-        return [self._eng.piece(t, special) for t in tokens]
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        self._eng.check_tokens(tokens)
-        return self._eng.detokenize(list(tokens), special=special)
-
-    def is_eog(self, token: int) -> bool:
-        self._eng.check_tokens([token])
-        return self._eng.is_eog(token)
 
 
 class AsyncJob:
@@ -188,6 +158,7 @@ class _Slot:
     job: Job | None = None
     sampler: Sampler | None = None
     grammar: Grammar | None = None
+    trigger: Trigger | None = None
     prefill: int = 0  # index in job.tokens of the next prompt token to evaluate
     next_token: int | None = None  # sampled, to be evaluated next step
     index: int = -1  # this step: the batch index of the token whose logits we sample
@@ -217,7 +188,6 @@ class Scheduler:
         self.eng: Engine = self._raw.__enter__()  # held until close(): the model is ours
         self.eng.kv_clear()
         self.slots = [_Slot(i) for i in range(self.eng.n_seq_max)]
-        self.vocab = Vocab(model, self.eng)
         self.max_queue = max_queue
         self.prefill_chunk = max(1, prefill_chunk)
         self.batch = Batch(self.eng.n_batch)
@@ -240,6 +210,7 @@ class Scheduler:
         grammar: str | None = None,
         json_schema: Any = None,
         response_format: Any = None,
+        lazy_grammar: tuple[str, str] | None = None,
         time_limit_s: float | None = None,
         on_done: Callable[[Job], Any] | None = None,
         **sampling: Any,
@@ -266,6 +237,10 @@ class Scheduler:
             )
         stops = [s for s in stop if s]
         job = Job(next(self._ids), tokens, max_tokens, stops, params, constraint, on_chunk, on_done)
+        if lazy_grammar is not None:
+            if constraint is not None:
+                raise UsageError("lazy_grammar can't be combined with another constraint")
+            job.lazy = (str(lazy_grammar[0]), str(lazy_grammar[1]))
         if time_limit_s is not None:
             job.deadline = job.t_submit + time_limit_s
         with self._cv:
@@ -402,9 +377,12 @@ class Scheduler:
         slot.job, job.slot = job, slot.seq
         slot.prefill, slot.next_token = common, None
         slot.sampler = Sampler(job.params, eng.n_vocab)
-        slot.grammar = None
+        slot.grammar, slot.trigger = None, None
         if job.constraint is not None:
             slot.grammar = Grammar(eng.vocab, eng.n_vocab, job.constraint.gbnf)
+        elif job.lazy is not None:
+            text, gbnf = job.lazy
+            slot.trigger = Trigger(text, Grammar(eng.vocab, eng.n_vocab, gbnf))
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.pending, slot.parts, slot.new_tokens, slot.generated = "", [], [], []
         slot.stats = Stats(
@@ -483,6 +461,8 @@ class Scheduler:
         self.counters["generated_tokens"] += 1
         if eng.is_eog(tok):
             return self._end(s, "stop")
+        if s.trigger is not None:
+            s.trigger.seen(eng, s, tok)  # sets s.grammar when a call starts
         s.new_tokens.append(tok)
         s.pending += s.decoder.decode(eng.piece(tok))
         if self._emit_text(s):
@@ -554,9 +534,12 @@ class Scheduler:
     def _reset(self, s: _Slot) -> None:
         if s.sampler is not None:
             s.sampler.close()
-        if s.grammar is not None:
+        if s.trigger is not None:
+            s.trigger.grammar.close()
+        elif s.grammar is not None:
             s.grammar.close()
         s.job, s.sampler, s.grammar, s.next_token, s.index = None, None, None, None, -1
+        s.trigger = None
 
     def _finish_unstarted(self, job: Job) -> None:
         self.counters["cancelled"] += 1

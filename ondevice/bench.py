@@ -127,6 +127,8 @@ class BenchOptions:
     profile: Profile | None = None
     seed: int = 42
     label: str = ""
+    spec_prompt: str | None = None  # the speculative test's prompt (text), or None to skip
+    speculative: str = "auto"
 
 
 @dataclass
@@ -171,6 +173,10 @@ class BenchRecord:
     roofline_tps: float | None = None
     roofline_fraction: float | None = None
     series: list[list[float]] | None = None  # sustained: [seconds, tok/s, °C or -1]
+    speculative: str = ""  # the speculative test: its mode, and against plain decoding
+    acceptance: float | None = None
+    speedup: float | None = None
+    same_text: bool | None = None
     profile: str = ""
     ram_budget_bytes: int | None = None
     within_budget: bool | None = None
@@ -602,6 +608,41 @@ class _Runner:
             f"stream{n_new} t={threads}: {r.tps_mean:.2f} tok/s, TTFT {r.ttft_s * 1000:.0f} ms"
         )
 
+    def speculative_test(self, threads: int) -> None:
+        """The prompt file's reply streamed with speculative decoding and without, alternately
+        (greedy, n_gen tokens): tok/s, the speed-up, acceptance, and whether the text agreed."""
+        o = self.opts
+        assert o.spec_prompt is not None
+        n_new = max(o.n_gen, 2)
+        m, bufs = self.load(o.n_ctx or 4096, threads)
+        with m:
+            tokens = m.tokenize(o.spec_prompt)
+            spec, plain, same = [], [], True
+            drafted = accepted = 0
+            for _ in range(o.reps):
+                runs = {}
+                for mode in ("off", o.speculative):
+                    m.reset()
+                    runs[mode] = m.generate(
+                        tokens, max_tokens=n_new, temperature=0, speculative=mode
+                    )
+                plain.append(runs["off"].stats.generation_tps)
+                spec.append(runs[o.speculative].stats.generation_tps)
+                drafted += runs[o.speculative].stats.drafted_tokens
+                accepted += runs[o.speculative].stats.accepted_tokens
+                same = same and runs["off"].text == runs[o.speculative].text
+            speedup = statistics.fmean(spec) / statistics.fmean(plain) if plain else None
+            self.record(
+                m, bufs, f"speculative{n_new}", threads, samples=spec, n_prompt=len(tokens),
+                n_gen=n_new, speculative=o.speculative, speedup=speedup, same_text=same,
+                acceptance=accepted / drafted if drafted else 0.0,
+            )  # fmt: skip
+        r = self.records[-1]
+        self.progress(
+            f"speculative{n_new} ({o.speculative}) t={threads}: {r.tps_mean:.2f} tok/s, "
+            f"{speedup or 0:.2f}x plain, acceptance {r.acceptance:.0%}"
+        )
+
     def sustained_test(self, threads: int) -> None:
         o = self.opts
         block = max(o.n_gen, 16)
@@ -711,6 +752,8 @@ def run_bench(
                 runner.tg(t)
             if opts.extras:
                 runner.stream_test(t)
+            if opts.spec_prompt is not None:
+                runner.speculative_test(t)
         if opts.sustained_s > 0:
             runner.sustained_test(threads[-1])
     if opts.profile is not None:

@@ -8,13 +8,25 @@ Which format a model gets, in order:
 There is no silent fallback to an unrelated format: with none of these, `ChatFormatError` names
 `--chat-format` and the formats we have.
 
-A GGUF's template is untrusted input (CVE-2024-34359 ran code from one). Templates are rendered
-with jinja2's `ImmutableSandboxedEnvironment` (jinja2 >= 3.1.6), with the globals and filters of
-Hugging Face's renderer (`raise_exception`, `strftime_now`, `tojson`, `{% generation %}`,
-`trim_blocks`/`lstrip_blocks`), and bounded: operations that build huge strings are refused,
-the output has a size limit, and a render that runs too long or grows the process by too much
-memory is stopped (see `render_bounded`). Anything a template does wrong surfaces as
-`ChatFormatError`.
+Templates are untrusted and rendered in a bounded sandbox (`ondevice.chat_sandbox`); messages are
+checked and copied by `ondevice.chat_messages`. A template gets what Hugging Face's
+`apply_chat_template` gives it — `messages`, `tools`, `documents`, `add_generation_prompt` and
+the vocabulary's special tokens — so it renders what `transformers` renders, with two
+adjustments llama.cpp also makes, each decided by rendering a probe conversation once per
+template, and made only where the template would otherwise print Python's repr of a list or a
+doubly encoded JSON string:
+  - content given as a list of text parts goes to templates that don't read parts as the parts'
+    texts joined by newlines;
+  - tool-call arguments given as a JSON string go to templates that print `arguments|tojson` as
+    the parsed object (and objects go to templates that print `arguments` as it is as JSON text).
+
+Role tokens in content. `ChatFormat.prompt(..., protect=...)` renders so that text from the
+caller (message content, tools, documents) can't become control tokens: `protect(s)` names the
+control-token texts in a string; each is wrapped in two private-use marker characters before
+rendering, and the rendered text is split at the markers into `Prompt.pieces`, the marked ones
+to be tokenized as plain text (Hugging Face's `sanitize_control_tokens` does the same). Strings
+without control-token text are untouched, so ordinary conversations render and tokenize
+exactly as without protection.
 
 Built-in formats are one entry each in `BUILTIN`, written as Jinja templates so they go through
 the same renderer.
@@ -22,39 +34,80 @@ the same renderer.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import logging
 import re
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
-from functools import lru_cache, wraps
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
-from jinja2.compiler import CodeGenerator
-from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from ondevice.chat_messages import ROLES, validate_messages, validate_tools
+from ondevice.chat_sandbox import (
+    MAX_TEMPLATE_CHARS,
+    RENDER_MAX_CHARS,
+    RENDER_MAX_RSS_GROWTH,
+    RENDER_TIMEOUT_S,
+    RenderStopped,
+    compile_template,
+    literal_text,
+    render_bounded,
+)
+from ondevice.errors import ChatFormatError
 
-from ondevice import stats
-from ondevice.errors import ChatFormatError, OndeviceError, UsageError
+__all__ = [
+    "BUILTIN",
+    "ROLES",
+    "RENDER_MAX_CHARS",
+    "RENDER_MAX_RSS_GROWTH",
+    "RENDER_TIMEOUT_S",
+    "Capabilities",
+    "ChatFormat",
+    "Prompt",
+    "adjust_messages",
+    "capabilities",
+    "compile_template",
+    "for_model",
+    "names",
+    "reasoning_aliases",
+    "render_bounded",
+    "resolve",
+    "validate_messages",
+]
 
-log = logging.getLogger(__name__)
+Protect = Callable[[str], Collection[str]]
 
-ROLES = ("system", "user", "assistant")
 
-# Bounds on rendering an (untrusted) template.
-RENDER_TIMEOUT_S = 2.0
-RENDER_MAX_CHARS = 4_000_000  # the rendered prompt, and any single value built while rendering
-RENDER_MAX_RSS_GROWTH = 512 * 1024 * 1024
-_MAX_WIDTH = 100_000  # padding/indent widths a template may ask for
+@dataclass
+class Prompt:
+    """A rendered prompt and what it was rendered from.
+
+    text          the prompt text.
+    pieces        `text` in order as (text, plain) runs: `plain` runs are control-token texts that
+                  came from the caller and are to be tokenized as plain text; the others are
+                  tokenized with control tokens parsed. One run for ordinary conversations.
+    messages      the messages as the template saw them (checked copies, adjusted as above).
+    tools, documents   as the template saw them (None: none given).
+    """
+
+    text: str
+    pieces: tuple[tuple[str, bool], ...]
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    format: ChatFormat | None = field(default=None, repr=False)
+
+    @property
+    def generation_prompt(self) -> str:
+        """The text the template adds to open the assistant's turn (`<|im_start|>assistant\\n`;
+        some templates open a `<think>` block there): where the model's reply begins. Empty
+        without add_generation_prompt, or if the template renders the history differently
+        with and without it."""
+        if not self.add_generation_prompt or self.format is None:
+            return ""
+        base = self.format.render_text(self.messages, False, self.tools, self.documents)
+        return self.text[len(base) :] if self.text.startswith(base) else ""
 
 
 @dataclass
@@ -87,30 +140,6 @@ class ChatFormat:
             return f"{self.name} (built-in)"
         return f"template file {self.source}"
 
-    def render(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        *,
-        timeout_s: float = RENDER_TIMEOUT_S,
-        max_chars: int = RENDER_MAX_CHARS,
-    ) -> str:
-        """The prompt text for `messages` (validated), ending with the assistant's turn opener
-        when `add_generation_prompt`. Raises ChatFormatError if the template misbehaves."""
-        msgs = validate_messages(messages)
-        context = {
-            "messages": msgs,
-            "add_generation_prompt": add_generation_prompt,
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "tools": None,
-            "documents": None,
-            **self.special_tokens,
-        }
-        return render_bounded(
-            self.template, context, timeout_s=timeout_s, max_chars=max_chars, name=self.what
-        )
-
     @property
     def what(self) -> str:
         """The template as error messages name it."""
@@ -119,6 +148,93 @@ class ChatFormat:
         if self.source == "built-in":
             return f"the built-in {self.name} format"
         return f"the chat template in {self.source}"
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        timeout_s: float = RENDER_TIMEOUT_S,
+        max_chars: int = RENDER_MAX_CHARS,
+    ) -> str:
+        """The prompt text for `messages` (validated), ending with the assistant's turn opener
+        when `add_generation_prompt`. Raises UsageError for a malformed message and
+        ChatFormatError if the template misbehaves."""
+        return self.prompt(
+            messages,
+            add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            timeout_s=timeout_s,
+            max_chars=max_chars,
+        ).text
+
+    def prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        protect: Protect | None = None,
+        timeout_s: float = RENDER_TIMEOUT_S,
+        max_chars: int = RENDER_MAX_CHARS,
+    ) -> Prompt:
+        """Render `messages` (and `tools`/`documents`, passed to the template as Hugging Face
+        passes them) into a `Prompt`. With `protect`, control-token texts it finds in the
+        caller's strings end up in plain pieces (see the module docstring)."""
+        compile_template(self.template)  # a broken template fails before anything else runs
+        msgs = validate_messages(messages)
+        tool_list = validate_tools(tools)
+        docs = validate_tools(documents, "documents")
+        msgs = adjust_messages(self, msgs)
+        markers = _Markers.find(self.template, (msgs, tool_list, docs), protect)
+        if markers is None:
+            text = self.render_text(
+                msgs, add_generation_prompt, tool_list, docs, timeout_s, max_chars
+            )
+            pieces: tuple[tuple[str, bool], ...] = ((text, False),) if text else ()
+        else:
+            raw = self.render_text(
+                markers.wrap(msgs),
+                add_generation_prompt,
+                markers.wrap(tool_list),
+                markers.wrap(docs),
+                timeout_s,
+                max_chars,
+            )
+            pieces = markers.split(raw)
+            text = "".join(p for p, _ in pieces)
+        return Prompt(text, pieces, msgs, tool_list, docs, add_generation_prompt, self)
+
+    def render_text(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        timeout_s: float = RENDER_TIMEOUT_S,
+        max_chars: int = RENDER_MAX_CHARS,
+    ) -> str:
+        """Render already checked messages as they are (no validation, no adjustment)."""
+        context = {
+            **self.special_tokens,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "messages": messages,
+            "tools": tools,
+            "documents": documents,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        return render_bounded(
+            self.template, context, timeout_s=timeout_s, max_chars=max_chars, name=self.what
+        )
+
+    def literal_text(self) -> str:
+        """The template's own text and string constants, NUL-joined (its markup)."""
+        return literal_text(self.template)
 
 
 # --- the built-in formats: one entry per format ------------------------------------------------
@@ -279,25 +395,6 @@ def _choices() -> str:
     return ", ".join(names())
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Check an OpenAI-style message list and return plain-dict copies (templates see copies)."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise UsageError('messages must be a list of {"role": ..., "content": ...} dicts')
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise UsageError(f"message {i} is not a dict", hint='use {"role": ..., "content": ...}')
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise UsageError(
-                f"message {i} has role {role!r}", hint=f"use one of {', '.join(ROLES)}"
-            )
-        if not isinstance(content, str):
-            raise UsageError(f"message {i} ({role}) has no text content")
-        out.append({**m, "role": role, "content": content})
-    return out
-
-
 # --- choosing a format for a model ----------------------------------------------------------
 
 
@@ -331,6 +428,13 @@ def resolve(metadata: Mapping[str, Any], chat_format: str | None = None) -> Chat
             return bind(ChatFormat(GGUF_NAME, template, source="gguf"))
         path = Path(chat_format).expanduser()
         if path.is_file():
+            size = path.stat().st_size
+            if size > 4 * MAX_TEMPLATE_CHARS:  # refused unread: can't hold a valid template
+                raise ChatFormatError(
+                    f"the template file {path} is {size} bytes; a chat template may have "
+                    f"{MAX_TEMPLATE_CHARS} characters",
+                    hint="pass --chat-format with a built-in format",
+                )
             try:
                 source = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
@@ -372,315 +476,213 @@ def _special_tokens(metadata: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-# --- the sandbox ------------------------------------------------------------------------------
+# --- what a template can read: probed once per template ---------------------------------------
+
+_NEEDLE = "ondevice-probe-3f9a2c"
 
 
-class _RenderAborted(BaseException):
-    """Raised inside the rendering thread to stop it (a BaseException: templates can't catch it,
-    and neither can jinja's own `except Exception` handlers)."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a template does with the shapes OpenAI allows (found by rendering probes).
+
+    string_content / typed_content   it prints text content / the text of text parts.
+    object_arguments / string_arguments   it prints tool-call arguments given as an object / as
+                                          a JSON string the way they are meant (no repr, no
+                                          second JSON encoding).
+    """
+
+    string_content: bool = True
+    typed_content: bool = False
+    object_arguments: bool = True
+    string_arguments: bool = True
 
 
-def _too_big(what: str) -> SecurityError:
-    return SecurityError(f"the template tried to build {what} larger than the limit")
+def capabilities(fmt: ChatFormat) -> Capabilities:
+    """The template's `Capabilities` (cached per template and BOS/EOS text)."""
+    return _capabilities(fmt.template, fmt.bos_token, fmt.eos_token)
 
 
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, (str, bytes, list, tuple, dict, set)) else 0
+_PROBE_TIMEOUT_S = 0.5
 
 
-_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
-_BRACE_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")
-
-
-def _check_format_string(s: str) -> None:
-    """Refuse format strings that pad to huge widths ('%999999999d', '{:>999999999}')."""
-    for m in _PERCENT_SPEC.finditer(s):
-        for part in m.groups():
-            if part and part.isdigit() and int(part) > _MAX_WIDTH:
-                raise _too_big("a formatted string")
-    for m in _BRACE_SPEC.finditer(s):
-        for num in re.findall(r"\d+", m.group(1)):
-            if int(num) > _MAX_WIDTH:
-                raise _too_big("a formatted string")
-
-
-def _check_int_args(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > _MAX_WIDTH:
-            raise _too_big("a padded or indented string")
-
-
-# Methods and filters whose integer arguments size their result.
-_SIZING_METHODS = {"center", "ljust", "rjust", "zfill", "expandtabs"}
-_SIZING_FILTERS = {"center", "indent", "wordwrap", "truncate", "tojson", "batch", "slice"}
-
-
-class _BoundedCodeGenerator(CodeGenerator):
-    """Routes `a ~ b` (string concatenation) through a size check."""
-
-    def visit_Concat(self, node: jinja2.nodes.Concat, frame: Any) -> None:
-        self.write("environment.bounded_concat((")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write("))")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """Hugging Face's `{% generation %}...{% endgeneration %}` (marks assistant text for
-    training masks); for rendering it is just its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> list[jinja2.nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-class _TemplateDict:
-    """`dict` as Hugging Face exposes it: callable, without attribute access to the type."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names (as Hugging Face's does)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - jinja's signature trick
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise SecurityError(f"a namespace attribute may not start with '_': {name!r}")
-
-
-class _TemplateRaised(TemplateError):
-    """What a template's own `raise_exception(...)` raises."""
-
-
-def _raise_exception(message: Any) -> None:
-    raise _TemplateRaised(str(message))
-
-
-def _strftime_now(fmt: str) -> str:
-    _check_format_string(fmt)
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: Any = None,
-    sort_keys: bool = False,
-) -> str:
-    # Hugging Face's tojson: no HTML escaping, with indent/separators/sort_keys.
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-class _Environment(ImmutableSandboxedEnvironment):
-    """jinja2's immutable sandbox plus size checks on the operations that build big values."""
-
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
-    code_generator_class = _BoundedCodeGenerator
-    max_chars = RENDER_MAX_CHARS
-
-    def __init__(self) -> None:
-        super().__init__(
-            trim_blocks=True,
-            lstrip_blocks=True,
-            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-            autoescape=False,
-        )
-        self.globals["raise_exception"] = _raise_exception
-        self.globals["strftime_now"] = _strftime_now
-        self.globals["dict"] = _TemplateDict()
-        self.globals["namespace"] = _TemplateNamespace
-        self.filters["tojson"] = _tojson
-        for name, fn in list(self.filters.items()):
-            self.filters[name] = self._bounded_filter(name, fn)
-
-    def _check(self, value: Any) -> Any:
-        if _size(value) > self.max_chars:
-            raise _too_big("a value")
-        return value
-
-    def _bounded_filter(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        sizing = name in _SIZING_FILTERS
-        formatting = name == "format"
-        # Filters marked pass_context/pass_eval_context/pass_environment get that first.
-        passes = getattr(fn, "jinja_pass_arg", None) is not None
-
-        @wraps(fn)
-        def bounded(*args: Any, **kwargs: Any) -> Any:
-            rest = args[2:] if passes else args[1:]
-            if sizing:
-                _check_int_args(rest, kwargs)
-            if formatting:
-                value = args[1] if passes else args[0]
-                if isinstance(value, str):
-                    _check_format_string(value)
-            return self._check(fn(*args, **kwargs))
-
-        return bounded
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if _size(seq) and isinstance(n, int) and _size(seq) * max(n, 0) > self.max_chars:
-                    raise _too_big("a repeated string or list")
-        elif operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-                if right * max(abs(left), 2).bit_length() > 4096:
-                    raise _too_big("a number")
-        elif operator == "+":
-            if _size(left) + _size(right) > self.max_chars:
-                raise _too_big("a concatenated value")
-        elif operator == "%" and isinstance(left, str):
-            _check_format_string(left)
-            args = right if isinstance(right, tuple) else (right,)
-            _check_int_args(args, {})
-        return self._check(super().call_binop(context, operator, left, right))
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        target = getattr(__obj, "__wrapped__", __obj)
-        name = getattr(target, "__name__", "")
-        if isinstance(getattr(target, "__self__", None), str):
-            if name in _SIZING_METHODS:
-                _check_int_args(args, kwargs)
-            elif name in ("format", "format_map"):
-                _check_format_string(target.__self__)
-        return __self._check(super().call(__context, __obj, *args, **kwargs))
-
-    def bounded_concat(self, parts: Sequence[Any]) -> str:
-        text = "".join(map(str, parts))
-        if len(text) > self.max_chars:
-            raise _too_big("a concatenated string")
-        return text
-
-
-_ENV: _Environment | None = None
-_ENV_LOCK = threading.Lock()
-
-
-def _environment() -> _Environment:
-    global _ENV
-    with _ENV_LOCK:
-        if _ENV is None:
-            _ENV = _Environment()
-        return _ENV
+class _GiveUp(Exception):
+    """A probe hit the watchdog: stop probing this template."""
 
 
 @lru_cache(maxsize=32)
-def compile_template(source: str) -> jinja2.Template:
-    """Parse and compile a template in the sandbox (cached). Raises ChatFormatError."""
-    try:
-        return _environment().from_string(source)
-    except TemplateSyntaxError as exc:
-        raise ChatFormatError(
-            f"the chat template does not parse (line {exc.lineno}): {exc.message}",
-            hint="pass --chat-format with a built-in format instead",
-        ) from None
-    except (TemplateError, RecursionError, MemoryError, ValueError) as exc:
-        raise ChatFormatError(f"the chat template can't be compiled: {exc}") from None
+def _capabilities(template: str, bos: str, eos: str) -> Capabilities:
+    fmt = ChatFormat("probe", template, source="gguf", bos_token=bos, eos_token=eos)
 
-
-def render_bounded(
-    source: str,
-    context: Mapping[str, Any],
-    *,
-    timeout_s: float = RENDER_TIMEOUT_S,
-    max_chars: int = RENDER_MAX_CHARS,
-    max_rss_growth: int = RENDER_MAX_RSS_GROWTH,
-    name: str = "the chat template",
-) -> str:
-    """Render a template in the sandbox, within a time, output-size and memory bound.
-
-    The render runs in a helper thread while this one watches the clock and the process's RSS;
-    on a breach it raises an exception inside the helper (CPython's PyThreadState_SetAsyncExc,
-    delivered between two bytecodes of the template's compiled code) and raises
-    ChatFormatError here. A single C-level operation can't be interrupted, which is why the
-    operations that build big values are refused up front by the environment.
-    """
-    template = compile_template(source)
-    result: dict[str, Any] = {}
-
-    def work() -> None:
+    def attempt(messages: list[dict[str, Any]], tools: Any = None) -> str:
         try:
-            parts: list[str] = []
-            total = 0
-            for piece in template.generate(**context):
-                total += len(piece)
-                if total > max_chars:
-                    raise _too_big(f"a prompt ({max_chars} characters)")
-                parts.append(piece)
-            result["text"] = "".join(parts)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            result["error"] = exc
+            return fmt.render_text(messages, True, tools, timeout_s=_PROBE_TIMEOUT_S)
+        except RenderStopped:
+            raise _GiveUp from None  # a template this slow gets no more probes
+        except Exception:  # noqa: BLE001 - a template that refuses a probe tells us nothing
+            return ""
 
-    rss0 = stats.rss_bytes()
-    deadline = time.monotonic() + timeout_s
-    worker = threading.Thread(target=work, name="ondevice-chat-template", daemon=True)
-    worker.start()
-    worker.join(0.02)
-    while worker.is_alive():
-        reason = None
-        if time.monotonic() > deadline:
-            reason = f"took longer than {timeout_s:g} s"
-        elif stats.rss_bytes() - rss0 > max_rss_growth:
-            reason = f"used more than {max_rss_growth // (1024 * 1024)} MiB of memory"
-        if reason:
-            _interrupt(worker)
-            worker.join(0.5)
-            raise ChatFormatError(
-                f"rendering {name} {reason}; stopped",
-                hint="the template may be malicious or broken: pass --chat-format with a "
-                "built-in format",
-            )
-        worker.join(0.01)
-    err = result.get("error")
-    if err is None:
-        return result["text"]
-    if isinstance(err, SecurityError):
-        raise ChatFormatError(
-            f"{name} tried something unsafe and was stopped: {err}",
-            hint="the file may be malicious: pass --chat-format with a built-in format",
-        ) from None
-    if isinstance(err, _TemplateRaised):
-        raise ChatFormatError(f"{name} refused the conversation: {err}") from None
-    if isinstance(err, TemplateError):
-        raise ChatFormatError(f"{name} failed: {err}") from None
-    if isinstance(err, OndeviceError):
-        raise err
-    if isinstance(err, Exception):
-        raise ChatFormatError(
-            f"{name} failed: {type(err).__name__}: {err}",
-            hint="pass --chat-format with a built-in format",
-        ) from None
-    raise err
-
-
-def _interrupt(thread: threading.Thread) -> None:
-    if thread.ident is None:
-        return
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread.ident), ctypes.py_object(_RenderAborted)
+    try:
+        text = attempt([{"role": "user", "content": _NEEDLE}])
+        parts = attempt([{"role": "user", "content": [{"type": "text", "text": _NEEDLE}]}])
+        as_json = json.dumps({"arg": _NEEDLE})
+        objects = attempt(_probe_calls({"arg": _NEEDLE}), _PROBE_TOOLS)
+        strings = attempt(_probe_calls(as_json), _PROBE_TOOLS)
+    except _GiveUp:
+        return Capabilities()
+    return Capabilities(
+        string_content=_NEEDLE in text,
+        typed_content=_NEEDLE in parts and "'type'" not in parts and '"type"' not in parts,
+        object_arguments=_NEEDLE in objects and "{'arg'" not in objects,
+        string_arguments=as_json in strings,
     )
-    if n > 1:  # "if it returns a number greater than one, you're in trouble": undo
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
-    log.warning("stopped a chat template render in thread %s", thread.name)
+
+
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "probe_tool",
+            "description": "A probe.",
+            "parameters": {
+                "type": "object",
+                "properties": {"arg": {"type": "string"}},
+                "required": ["arg"],
+            },
+        },
+    }
+]
+
+
+def _probe_calls(arguments: Any) -> list[dict[str, Any]]:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "probe_tool", "arguments": arguments},
+    }
+    return [
+        {"role": "user", "content": "Use the tool."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "probe_tool", "content": "done"},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "Thanks."},
+    ]
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def adjust_messages(fmt: ChatFormat, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked messages as `fmt`'s template should see them: the reasoning aliases Hugging Face
+    adds (`reasoning_content` and `thinking`), then the adjustments in the module docstring,
+    made only where the template's probes call for them."""
+    out = reasoning_aliases(messages)
+    if not any(_needs_probe(m) for m in out):
+        return out  # plain conversations go to every template as they are
+    caps = capabilities(fmt)
+    return [_adjust(m, caps) for m in out]
+
+
+def reasoning_aliases(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with a reasoning text under both names templates read, `reasoning_content` and
+    `thinking` (gpt-oss), taken from either or from `reasoning`, as Hugging Face does."""
+    out = []
+    for m in messages:
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def _needs_probe(m: Mapping[str, Any]) -> bool:
+    return isinstance(m.get("content"), list) or "tool_calls" in m
+
+
+def _adjust(m: dict[str, Any], caps: Capabilities) -> dict[str, Any]:
+    content = m.get("content")
+    if isinstance(content, list) and caps.string_content and not caps.typed_content:
+        m = {**m, "content": "\n".join(p["text"] for p in content)}
+    calls = m.get("tool_calls")
+    if calls and caps.object_arguments != caps.string_arguments:
+        m = {**m, "tool_calls": [_adjust_call(c, caps.object_arguments) for c in calls]}
+    return m
+
+
+def _adjust_call(call: dict[str, Any], objects: bool) -> dict[str, Any]:
+    fn = call["function"]
+    args = fn.get("arguments")
+    if objects and isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+        except (ValueError, RecursionError):
+            return call
+        if not isinstance(parsed, dict):
+            return call
+        return {**call, "function": {**fn, "arguments": parsed}}
+    if not objects and isinstance(args, dict):
+        return {**call, "function": {**fn, "arguments": json.dumps(args, ensure_ascii=False)}}
+    return call
+
+
+# --- keeping the caller's control-token texts plain -----------------------------------------
+
+# Private-use characters: the first pair that occurs nowhere in the template or the inputs.
+_MARKER_BASE = 0xF0000
+
+
+class _Markers:
+    """Marker characters around the control-token texts found in the caller's strings."""
+
+    def __init__(self, start: str, end: str, texts: Collection[str]) -> None:
+        self.start, self.end = start, end
+        alt = "|".join(map(re.escape, sorted(texts, key=len, reverse=True)))
+        self._find = re.compile(alt)
+        s, e = re.escape(start), re.escape(end)
+        self._split = re.compile(f"{s}({alt}){e}|[{s}{e}]")
+
+    @classmethod
+    def find(cls, template: str, values: Any, protect: Protect | None) -> _Markers | None:
+        """Markers for `values`' strings, or None when none holds a control-token text."""
+        if protect is None:
+            return None
+        strings = list(_strings(values))
+        texts = {t for s in strings for t in protect(s) if t}
+        if not texts:
+            return None
+        for base in range(_MARKER_BASE, _MARKER_BASE + 2000, 2):
+            start, end = chr(base), chr(base + 1)
+            if not any(start in s or end in s for s in (template, *strings)):
+                return cls(start, end, texts)
+        raise ChatFormatError("no free marker characters for this conversation")
+
+    def wrap(self, value: Any) -> Any:
+        """A copy of `value` with each control-token text in its strings between markers."""
+        if isinstance(value, str):
+            return self._find.sub(lambda m: self.start + m.group(0) + self.end, value)
+        if isinstance(value, dict):
+            return {k: self.wrap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.wrap(v) for v in value]
+        return value
+
+    def split(self, rendered: str) -> tuple[tuple[str, bool], ...]:
+        """The rendered text as (text, plain) pieces, markers removed. A marker left alone (a
+        template cut a marked text apart) still ends a piece, so that the text on its two
+        sides can't join into a control token."""
+        parts = self._split.split(rendered)
+        out: list[tuple[str, bool]] = []
+        for i, part in enumerate(parts):
+            if part:
+                out.append((part, i % 2 == 1))
+        return tuple(out)
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)

@@ -35,7 +35,8 @@ MAX_SCHEMA_BYTES = 256 * 1024
 MAX_DEPTH = 32
 MAX_NODES = 5000
 MAX_REPEAT = 500  # minItems/maxItems/minLength/maxLength: each unit is a rule copy
-MAX_ENUM = 1000
+MAX_ENUM = 1000  # an enum's values
+MAX_RANGE = 10_001  # a bounded integer's values (written as their enum: ~6 bytes of GBNF each)
 MAX_PATTERN = 1000
 MAX_GBNF_BYTES = 1 << 20
 CONVERT_TIMEOUT_S = 5.0
@@ -61,9 +62,11 @@ class Constraint:
     """A compiled constraint: the GBNF, what it came from, and how long compiling took."""
 
     gbnf: str
-    kind: str  # "grammar", "json_schema" or "json_object"
+    kind: str  # "grammar", "json_schema", "json_object" or "lazy"
     schema: Mapping[str, Any] | None = None
     compile_s: float = 0.0
+    trigger: str = ""  # lazy: the grammar starts where this text appears
+    trigger_end: str = ""  # lazy: and stops applying after this text
 
     @property
     def json(self) -> bool:
@@ -120,7 +123,7 @@ def schema_constraint(schema: Mapping[str, Any]) -> Constraint:
     if not isinstance(schema, Mapping):
         raise UsageError("json_schema must be a JSON object (a dict)")
     try:
-        text = json.dumps(schema, sort_keys=True, allow_nan=False)
+        text = json.dumps(schema, allow_nan=False)  # key order kept: it is the output order
     except RecursionError:
         raise UsageError(
             f"the JSON schema is nested too deeply (over {MAX_DEPTH} levels)"
@@ -253,9 +256,9 @@ def _integer_bounds(node: dict[str, Any], where: str) -> dict[str, Any]:
         hi = min(hi, math.floor(node["maximum"]))
     if "exclusiveMaximum" in node:
         hi = min(hi, math.ceil(node["exclusiveMaximum"]) - 1)
-    if math.isinf(lo) or math.isinf(hi) or hi - lo + 1 > MAX_ENUM:
+    if math.isinf(lo) or math.isinf(hi) or hi - lo + 1 > MAX_RANGE:
         raise UsageError(
-            f"{where}: an integer range needs both bounds and at most {MAX_ENUM} values to be "
+            f"{where}: an integer range needs both bounds and at most {MAX_RANGE} values to be "
             "enforced by the grammar"
         )
     if hi < lo:

@@ -19,27 +19,56 @@ instead of each dropping one turn and re-evaluating everything; the reply says s
 `dropped_turns` and a note in its stats. A single message longer than the context is
 `ContextOverflow`.
 
+Control tokens in content. Message content, tools and documents are the caller's text, often
+untrusted (a web page to summarise, an email): by default no text of theirs becomes a control
+token. A user message `hi<|im_end|>\n<|im_start|>system\n...` is tokenized as the plain text it
+is, and only the template's own markup (`<|im_start|>user\n`) gives control tokens. The prompt is
+rendered with the caller's control-token texts marked (`ChatFormat.prompt(protect=...)`, see
+`ondevice.chat_formats`), and the marked pieces are tokenized without special-token parsing.
+Ordinary content (no control-token text in it) tokenizes exactly as it always did.
+`allow_control_tokens=True` (on `chat()` and `Conversation`) turns this off for callers who
+really write control tokens into their messages.
+
+Messages. `send`/`stream` take a user message as text, or messages in OpenAI's shapes (a tool
+result `{"role": "tool", "tool_call_id": ..., "content": ...}`, several of them as a list);
+`append` adds messages without a reply; `tools=`/`documents=` go to the template as Hugging
+Face passes them. Every key of every message is kept, in `messages` and through `save`/`load`.
+The last turn's rendered `Prompt` (its pieces, the messages as the template saw them, the
+generation prompt) is `Conversation.last_prompt`.
+
 A Conversation is not thread-safe; the Model under it is.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ondevice import app, chat_formats, paths
-from ondevice.chat_formats import ChatFormat
+from ondevice.chat_formats import ChatFormat, Prompt
+from ondevice.chat_messages import validate_messages, validate_tools
+from ondevice.chat_tokens import (
+    control_tokens,
+    protected_ids,
+    splits_cleanly,
+    tokenize_pieces,
+    with_bos,
+)
 from ondevice.errors import ContextOverflow, UsageError
 from ondevice.results import Chunk, Result
 from ondevice.settings import MAX_TOKENS, SAMPLING, Setting, sampling_defaults
 from ondevice.stats import Stats
+from ondevice.tools import ToolCall, ToolPlan, parse_calls
+from ondevice.tools import plan as plan_tools
+from ondevice.tools import trigger_grammar as tool_grammar
 
 FILE_FORMAT = "ondevice.conversation"
 FILE_VERSION = 1
@@ -72,6 +101,45 @@ class Reply(Result):
     turns were dropped from the history to make room for it."""
 
     dropped_turns: int = 0
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def tool_kwargs(p: ToolPlan | None) -> dict[str, Any]:
+    """What a tool plan asks of Model.stream: a constraint from the start (required / named)
+    or a lazy grammar from the call's opening text (auto)."""
+    if p is None or p.choice == "none":
+        return {}
+    if p.json_schema is not None:
+        return {"json_schema": p.json_schema}
+    return {"lazy_grammar": (p.trigger, tool_grammar(p))}
+
+
+def read_calls(model: ModelLike, p: ToolPlan | None, text: str, tokens: list[int]):
+    """(the reply's text without its calls, the calls) — parsed from the text with control
+    tokens written out (Mistral's [TOOL_CALLS] is one)."""
+    if p is None or p.choice == "none" or not tokens:
+        return text, []
+    special = model.detokenize(tokens, special=True) if p.format == "mistral" else text
+    rest, calls = parse_calls(special, p)
+    return (rest if calls else text), calls
+
+
+def assistant_message(
+    text: str, calls: list[ToolCall], fmt: ChatFormat | None = None, raw: str = ""
+) -> dict[str, Any]:
+    """The reply as it goes into the history (OpenAI's shape). A template that can't render
+    tool calls (`chat_formats.capabilities`) gets the reply as the model wrote it instead."""
+    if calls and fmt is not None:
+        caps = chat_formats.capabilities(fmt)
+        if not (caps.object_arguments or caps.string_arguments):
+            return {"role": "assistant", "content": raw.strip()}
+    if not calls:
+        return {"role": "assistant", "content": text.strip()}
+    return {
+        "role": "assistant",
+        "content": text.strip() or None,
+        "tool_calls": [c.to_openai() for c in calls],
+    }
 
 
 def chat(
@@ -79,6 +147,10 @@ def chat(
     messages: Sequence[Mapping[str, Any]],
     *,
     chat_format: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    allow_control_tokens: bool = False,
+    tool_choice: Any = None,
     max_tokens: int = 256,
     stop: str | Sequence[str] | None = None,
     cancel: threading.Event | None = None,
@@ -86,43 +158,54 @@ def chat(
 ) -> Iterator[Chunk]:
     """Stream the assistant's reply to an OpenAI-style message list, like `Model.stream`.
 
-    The prompt is rendered with the model's chat format (see `ondevice.chat_formats`), so the
-    format's stop strings apply besides `stop`. Stateless: the runtime still reuses the KV cache
-    for the longest common token prefix with the previous call.
+    The prompt is rendered with the model's chat format (see `ondevice.chat_formats`), with
+    `tools` and `documents` passed to the template, so the format's stop strings apply besides
+    `stop`. Control-token text in the messages stays text unless `allow_control_tokens`.
+    Stateless: the runtime still reuses the KV cache for the longest common token prefix with
+    the previous call.
     """
     t0 = time.perf_counter()
     fmt = chat_formats.for_model(model, chat_format)
-    text = fmt.render(messages, add_generation_prompt=True)
-    check_text(text)
-    tokens = tokenize_prompt(model, text)
+    prompt = render_prompt(
+        model, fmt, messages, tools=tools, documents=documents,
+        allow_control_tokens=allow_control_tokens,
+    )  # fmt: skip
+    tokens = tokenize_pieces(model, prompt.pieces, protected=protected_ids(model))
+    p = plan_tools(tools, tool_choice, fmt.template)
     gen = model.stream(
-        tokens, max_tokens=max_tokens, stop=_stops(fmt, stop), cancel=cancel, **sampling
-    )
+        tokens, max_tokens=max_tokens, stop=_stops(fmt, stop), cancel=cancel,
+        **tool_kwargs(p), **sampling,
+    )  # fmt: skip
     return _tidy(gen, time.perf_counter() - t0)
 
 
-def check_text(text: str) -> None:
-    """UsageError for text that can't be UTF-8 (lone surrogates from a bad decode)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise UsageError(
-            f"the text has an invalid character at position {exc.start} (a lone surrogate)",
-            hint="decode input with errors='replace'",
-        ) from None
+def render_prompt(
+    model: ModelLike,
+    fmt: ChatFormat,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    allow_control_tokens: bool = False,
+) -> Prompt:
+    """`fmt.prompt(...)` with the model's control tokens kept out of the caller's text (unless
+    `allow_control_tokens`); tokenize its pieces with `tokenize_pieces`."""
+    protect = None if allow_control_tokens else control_tokens(model).protector(fmt)
+    return fmt.prompt(
+        messages, add_generation_prompt, tools=tools, documents=documents, protect=protect
+    )
 
 
 def tokenize_prompt(model: ModelLike, text: str) -> list[int]:
-    """Tokens of a rendered prompt: special tokens parsed, BOS added once.
+    """Tokens of a rendered prompt taken as trusted text: special tokens parsed everywhere in
+    it, BOS added once. (Prompts rendered from messages go through `tokenize_pieces`.)
 
     The model's BOS is prepended when its vocabulary asks for one and the template has not
     already written it (many templates start with `{{ bos_token }}`).
     """
     tokens = model.tokenize(text, add_special=False, parse_special=True)
-    bos = model.bos
-    if model.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
-        tokens.insert(0, bos)
-    return tokens
+    return with_bos(model, tokens)
 
 
 def _stops(fmt: ChatFormat, stop: str | Sequence[str] | None) -> list[str]:
@@ -239,8 +322,10 @@ class Conversation:
         for chunk in conv.stream("And of Italy?"):
             print(chunk.text, end="")
 
-    Keyword arguments are defaults for every turn (max_tokens, stop and the sampling parameters
-    of `Model.stream`); `send`/`stream` take the same keywords for one turn.
+    Keyword arguments are defaults for every turn (max_tokens, stop, tools, documents and the
+    sampling parameters of `Model.stream`); `send`/`stream` take the same keywords for one turn.
+    `allow_control_tokens=True` lets control-token text in messages act as control tokens (see
+    the module docstring).
     """
 
     def __init__(
@@ -249,42 +334,83 @@ class Conversation:
         system: str | None = None,
         *,
         chat_format: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        allow_control_tokens: bool = False,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         stop: str | Sequence[str] | None = None,
         **sampling: Any,
     ) -> None:
         self.model = model
         self.format: ChatFormat = chat_formats.for_model(model, chat_format)
-        self._system = system or None
-        self._turns: list[dict[str, str]] = []  # user and assistant messages, in order
+        self._system: dict[str, Any] | None = None
+        self.system = system
+        self._turns: list[dict[str, Any]] = []  # every message after the system prompt
+        self.tools = tools
+        self.documents = documents
+        self.allow_control_tokens = allow_control_tokens
         self.stop: list[str] = [stop] if isinstance(stop, str) else list(stop or ())
         self.settings: dict[str, Any] = {}
         self.set("max_tokens", max_tokens)
         for name, value in sampling.items():
             self.set(name, value)
         self.last: Reply | None = None
+        self.last_prompt: Prompt | None = None  # the last turn's rendered prompt
+        self._tool_plan: ToolPlan | None = None
         self.dropped_turns = 0  # over the conversation's life
         self._ledger = _Ledger()
-        self._splittable = self._tokenizer_splits_cleanly()
+        self._splittable = splits_cleanly(model)
 
     # --- history --------------------------------------------------------------------------
     @property
     def system(self) -> str | None:
-        """The system prompt (None: the format's default, if any)."""
-        return self._system
+        """The system prompt's text (None: the format's default, if any)."""
+        if self._system is None:
+            return None
+        content = self._system.get("content")
+        if isinstance(content, list):
+            return "\n".join(p["text"] for p in content)
+        return content
 
     @system.setter
     def system(self, text: str | None) -> None:
-        self._system = text or None
+        if text is not None and not isinstance(text, str):
+            raise UsageError("the system prompt must be text")
+        self._system = validate_messages([{"role": "system", "content": text}])[0] if text else None
 
     @property
-    def messages(self) -> list[dict[str, str]]:
-        """The history as OpenAI-style messages, system prompt first (copies)."""
-        return [dict(m) for m in self._with_system(self._turns)]
+    def tools(self) -> list[dict[str, Any]] | None:
+        """The tools offered on every turn (OpenAI's shape; None: none)."""
+        return copy.deepcopy(self._tools)
 
-    def _with_system(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self._system}] if self._system else []
-        return head + turns
+    @tools.setter
+    def tools(self, tools: Sequence[Mapping[str, Any]] | None) -> None:
+        self._tools = validate_tools(tools)
+
+    @property
+    def documents(self) -> list[dict[str, Any]] | None:
+        """The documents given to every turn (None: none)."""
+        return copy.deepcopy(self._documents)
+
+    @documents.setter
+    def documents(self, documents: Sequence[Mapping[str, Any]] | None) -> None:
+        self._documents = validate_tools(documents, "documents")
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The history as OpenAI-style messages with every key, system prompt first (copies)."""
+        return copy.deepcopy(self._with_system(self._turns))
+
+    def _with_system(self, turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return ([self._system] if self._system else []) + turns
+
+    def append(self, *messages: Mapping[str, Any]) -> None:
+        """Add messages to the history without a reply (an assistant message with tool calls
+        made elsewhere, a few-shot example, ...). A system message goes first only."""
+        msgs = validate_messages(list(messages))
+        if any(m["role"] == "system" for m in msgs):
+            raise UsageError("set the system prompt with Conversation.system")
+        self._turns = [*self._turns, *msgs]
 
     def reset(self) -> None:
         """Forget the turns; the system prompt stays (and stays in the KV cache)."""
@@ -296,7 +422,12 @@ class Conversation:
 
     def render(self, add_generation_prompt: bool = False) -> str:
         """The history as the prompt text the model sees."""
-        return self.format.render(self._with_system(self._turns), add_generation_prompt)
+        return self.format.render(
+            self._with_system(self._turns),
+            add_generation_prompt,
+            tools=self._tools,
+            documents=self._documents,
+        )
 
     @property
     def tokens(self) -> list[int]:
@@ -323,52 +454,56 @@ class Conversation:
         return out
 
     # --- turns ----------------------------------------------------------------------------
-    def send(self, text: str, **kwargs: Any) -> Reply:
-        """Add a user message and return the whole reply (loops over `stream`)."""
-        for _ in self.stream(text, **kwargs):
+    def send(self, message: Message, **kwargs: Any) -> Reply:
+        """Add a user message (or messages, see `stream`) and return the whole reply."""
+        for _ in self.stream(message, **kwargs):
             pass
         assert self.last is not None
         return self.last
 
-    def astream(self, text: str, **kwargs: Any) -> app.AsyncStream:
+    def astream(self, message: Message, **kwargs: Any) -> app.AsyncStream:
         """`stream()` as an async iterator run on a worker thread (`ondevice.app.astream`);
         cancelling the consuming task stops the reply within one token."""
-        return app.astream(self, text, **kwargs)
+        return app.astream(self, message, **kwargs)
 
-    def stream(self, text: str, **kwargs: Any) -> Iterator[Chunk]:
+    def stream(self, message: Message, **kwargs: Any) -> Iterator[Chunk]:
         """Add a user message and stream the reply; the turn enters the history when the reply
         ends (a reply cancelled before its first word leaves the history unchanged).
 
-        Keywords: max_tokens, stop, cancel (a threading.Event), and sampling parameters.
+        `message` is the user's text, or a message dict in OpenAI's shape (a tool result:
+        `{"role": "tool", "tool_call_id": ..., "content": ...}`), or a list of them.
+        Keywords: max_tokens, stop, cancel (a threading.Event), tools and documents (for this
+        turn instead of the conversation's), and sampling parameters.
         Raises ContextOverflow (now, not when iterating) if the message can't fit the context.
         """
         t0 = time.perf_counter()
-        if not isinstance(text, str):
-            raise UsageError(f"the message must be text, not {type(text).__name__}")
-        if not text.strip():
-            raise UsageError("the message is empty")
-        check_text(text)
+        new = _turn_messages(message)
         opts = dict(self.settings)
         cancel = kwargs.pop("cancel", None)
         stop = kwargs.pop("stop", None)
+        tools = validate_tools(kwargs.pop("tools")) if "tools" in kwargs else self._tools
+        p = plan_tools(tools, kwargs.pop("tool_choice", None), self.format.template)
+        docs = kwargs.pop("documents", self._documents)
+        docs = validate_tools(docs, "documents")
         opts.update(kwargs)
         max_tokens = int(opts.pop("max_tokens", DEFAULT_MAX_TOKENS))
-        user = {"role": "user", "content": text}
-        turns, plan, dropped = self._prepare(user, max_tokens)
+        turns, plan, dropped = self._prepare(new, max_tokens, tools, docs)
         stops = _stops(
             self.format, [*self.stop, *([stop] if isinstance(stop, str) else stop or [])]
         )
         gen = self.model.stream(
-            plan.tokens, max_tokens=max_tokens, stop=stops, cancel=cancel, **opts
-        )
+            plan.tokens, max_tokens=max_tokens, stop=stops, cancel=cancel, **tool_kwargs(p),
+            **opts,
+        )  # fmt: skip
         self._apply(plan)
-        return self._run(gen, turns, user, dropped, time.perf_counter() - t0)
+        self._tool_plan = p
+        return self._run(gen, turns, new, dropped, time.perf_counter() - t0)
 
     def _run(
         self,
         gen: Iterator[Chunk],
-        turns: list[dict[str, str]],
-        user: dict[str, str],
+        turns: list[dict[str, Any]],
+        new: list[dict[str, Any]],
         dropped: int,
         prep_s: float,
     ) -> Iterator[Chunk]:
@@ -387,7 +522,7 @@ class Conversation:
                             f"{self.model.n_ctx}-token context"
                         )
                     tidy.close()  # the runtime holds the model until its stream is closed
-                    self._commit(turns, user, "".join(shown), tokens, chunk.stats, dropped)
+                    self._commit(turns, new, "".join(shown), tokens, chunk.stats, dropped)
                     done = True
                 yield chunk
         finally:
@@ -395,22 +530,23 @@ class Conversation:
             if not done and "".join(shown).strip():
                 # The caller stopped reading: keep what it saw, as a cancelled reply.
                 st = Stats(finish_reason="cancelled", n_ctx=self.model.n_ctx)
-                self._commit(turns, user, "".join(shown), tokens, st, dropped)
+                self._commit(turns, new, "".join(shown), tokens, st, dropped)
 
     def _commit(
         self,
-        turns: list[dict[str, str]],
-        user: dict[str, str],
+        turns: list[dict[str, Any]],
+        new: list[dict[str, Any]],
         text: str,
         tokens: list[int],
         st: Stats,
         dropped: int,
     ) -> None:
-        reply = Reply(text, tokens, st, dropped)
+        shown, calls = read_calls(self.model, self._tool_plan, text, tokens)
+        reply = Reply(shown, tokens, st, dropped, calls)
         self.last = reply
         if st.finish_reason == "cancelled" and not text.strip():
             return
-        self._turns = [*turns, user, {"role": "assistant", "content": text.strip()}]
+        self._turns = [*turns, *new, assistant_message(shown, calls, self.format, text)]
         self.dropped_turns += dropped
         if tokens:
             pieces = self.model.token_bytes(tokens)
@@ -418,23 +554,23 @@ class Conversation:
 
     # --- fitting the context and building the tokens -----------------------------------------
     def _prepare(
-        self, user: dict[str, str], max_tokens: int
-    ) -> tuple[list[dict[str, str]], _Plan, int]:
+        self, new: list[dict[str, Any]], max_tokens: int, tools: Any, docs: Any
+    ) -> tuple[list[dict[str, Any]], _Plan, int]:
         n_ctx = self.model.n_ctx
         reserve = n_ctx // 4 if max_tokens < 0 else min(max_tokens, n_ctx // 4)
         turns = list(self._turns)
-        plan = self._plan(self._render(turns, user))
+        plan = self._plan(self._render(turns, new, tools, docs))
         dropped = 0
         if len(plan.tokens) + reserve <= n_ctx:
             return turns, plan, dropped
         target = (n_ctx - reserve) * 3 // 4
         while turns and len(plan.tokens) > target:
-            # Drop the oldest turn: a user message and the replies up to the next one.
+            # Drop the oldest turn: a user message and what follows it up to the next one.
             del turns[0]
             while turns and turns[0]["role"] != "user":
                 del turns[0]
             dropped += 1
-            plan = self._plan(self._render(turns, user))
+            plan = self._plan(self._render(turns, new, tools, docs))
         if len(plan.tokens) >= n_ctx:
             raise ContextOverflow(
                 f"this message needs {len(plan.tokens)} tokens with the system prompt and "
@@ -443,19 +579,37 @@ class Conversation:
             )
         return turns, plan, dropped
 
-    def _render(self, turns: list[dict[str, str]], user: dict[str, str]) -> str:
-        return self.format.render(self._with_system([*turns, user]), add_generation_prompt=True)
+    def _render(
+        self, turns: list[dict[str, Any]], new: list[dict[str, Any]], tools: Any, docs: Any
+    ) -> Prompt:
+        prompt = render_prompt(
+            self.model,
+            self.format,
+            self._with_system([*turns, *new]),
+            tools=tools,
+            documents=docs,
+            allow_control_tokens=self.allow_control_tokens,
+        )
+        self.last_prompt = prompt
+        return prompt
 
-    def _plan(self, prompt: str) -> _Plan:
-        data = prompt.encode("utf-8")
+    def _plan(self, prompt: Prompt) -> _Plan:
+        data = prompt.text.encode("utf-8")
         keep_tok, keep_bytes = self._ledger.cut_for(data) if self._splittable else (0, 0)
+        protected = protected_ids(self.model)
         if keep_tok == 0:
-            tokens = tokenize_prompt(self.model, prompt)
+            tokens = tokenize_pieces(
+                self.model, prompt.pieces, protected=protected, splittable=self._splittable
+            )
             new_tokens, new_text = tokens, data
             added_bos = len(tokens) > 0 and not self._spells(tokens[:1], data)
         else:
-            new_tokens = self.model.tokenize(
-                data[keep_bytes:], add_special=False, parse_special=True
+            new_tokens = tokenize_pieces(
+                self.model,
+                _tail(prompt.pieces, keep_bytes),
+                bos=False,
+                protected=protected,
+                splittable=True,
             )
             tokens = self._ledger.tokens[:keep_tok] + new_tokens
             new_text = data[keep_bytes:]
@@ -474,51 +628,48 @@ class Conversation:
         self._ledger.truncate(plan.keep_tokens, plan.keep_bytes)
         self._ledger.extend(plan.new_tokens, plan.new_text, plan.new_pieces)
 
-    def _tokenizer_splits_cleanly(self) -> bool:
-        """Whether tokenizing a text in two parts gives tokens that spell it exactly (byte-level
-        BPE: yes; SentencePiece with a space prefix: no, each part gains a leading space)."""
-        probe = b"a b\nc"
-        toks = self.model.tokenize(probe, add_special=False, parse_special=True)
-        return b"".join(self.model.token_bytes(toks)) == probe
-
     # --- files ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the conversation (system prompt and turns) as JSON, atomically."""
+        """Write the conversation (system prompt, every message with every key, tools and
+        documents) as JSON, atomically."""
         target = Path(path).expanduser()
-        doc = {
+        messages = self._turns
+        system = self.system
+        if (
+            self._system is not None
+            and set(self._system) != {"role", "content"}
+            or (self._system is not None and not isinstance(self._system.get("content"), str))
+        ):
+            messages, system = [self._system, *messages], None  # kept whole, as the first message
+        doc: dict[str, Any] = {
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
             "model": self.model.path.name,
             "chat_format": self.format.name,
-            "system": self._system,
-            "messages": self._turns,
+            "system": system,
+            "messages": messages,
         }
+        if self._tools is not None:
+            doc["tools"] = self._tools
+        if self._documents is not None:
+            doc["documents"] = self._documents
         return paths.write_text(target, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
 
     def load(self, path: str | os.PathLike[str]) -> int:
-        """Replace the history (and system prompt) with a saved conversation, or with a JSON
-        list of OpenAI-style messages. Returns the number of messages loaded."""
+        """Replace the history (system prompt, tools and documents too) with a saved
+        conversation, or with a JSON list of OpenAI-style messages. Returns the number of
+        messages loaded (the system prompt not counted). A failed load changes nothing."""
         source = Path(path).expanduser()
-        try:
-            if source.is_file() and source.stat().st_size > MAX_FILE_BYTES:
-                raise UsageError(f"{source} is larger than {MAX_FILE_BYTES >> 20} MiB")
-            doc = json.loads(source.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"no such file: {source}") from None
-        except IsADirectoryError:
-            raise UsageError(f"{source} is a folder, not a saved conversation") from None
-        except RecursionError:  # "[[[[..." deeper than the JSON parser recurses
-            raise UsageError(f"{source} is not a saved conversation: nested too deep") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: 5000-digit ints
-            raise UsageError(f"{source} is not a saved conversation: {exc}") from None
+        doc = _read_json(source)
+        tools = documents = None
         if isinstance(doc, list):
-            messages = doc
-            system = None
+            messages, system = doc, None
         elif isinstance(doc, dict) and doc.get("format") == FILE_FORMAT:
-            messages = doc.get("messages")
-            system = doc.get("system")
+            messages, system = doc.get("messages"), doc.get("system")
             if system is not None and not isinstance(system, str):
                 raise UsageError(f"{source}: 'system' must be text")
+            tools = _field(source, validate_tools, doc.get("tools"))
+            documents = _field(source, validate_tools, doc.get("documents"), "documents")
         else:
             raise UsageError(
                 f"{source} is not a saved conversation",
@@ -526,12 +677,72 @@ class Conversation:
             )
         if not isinstance(messages, list):
             raise UsageError(f"{source}: 'messages' must be a list")
-        msgs = chat_formats.validate_messages(messages)
-        if msgs and msgs[0]["role"] == "system":
-            system = msgs.pop(0)["content"]
+        msgs = _field(source, validate_messages, messages)
+        head = msgs.pop(0) if msgs and msgs[0]["role"] == "system" else None
         if any(m["role"] == "system" for m in msgs):
             raise UsageError(f"{source}: only the first message may be a system prompt")
-        self._system = system or None
-        self._turns = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        self.system = system
+        if head is not None:
+            self._system = head
+        self._turns = msgs
+        self._tools, self._documents = tools, documents
         self.last = None
         return len(self._turns)
+
+
+Message = str | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def _turn_messages(message: Any) -> list[dict[str, Any]]:
+    """A turn's new messages: text is a user message."""
+    if isinstance(message, str):
+        if not message.strip():
+            raise UsageError("the message is empty")
+        return validate_messages([{"role": "user", "content": message}])
+    if isinstance(message, Mapping):
+        msgs = validate_messages([message])
+    elif isinstance(message, Sequence) and not isinstance(message, bytes) and message:
+        msgs = validate_messages(message)
+    else:
+        raise UsageError(
+            f"a message is text or a {{'role': ..., 'content': ...}} dict, not {type(message).__name__}"
+            if not isinstance(message, Sequence) or isinstance(message, bytes)
+            else "the message list is empty"
+        )
+    if any(m["role"] == "system" for m in msgs):
+        raise UsageError("set the system prompt with Conversation.system")
+    return msgs
+
+
+def _tail(pieces: Sequence[tuple[str, bool]], skip: int) -> list[tuple[bytes, bool]]:
+    """The pieces after their first `skip` bytes (a UTF-8 character boundary)."""
+    out = []
+    for text, plain in pieces:
+        data = text.encode("utf-8")
+        if skip >= len(data):
+            skip -= len(data)
+            continue
+        out.append((data[skip:], plain))
+        skip = 0
+    return out
+
+
+def _read_json(source: Path) -> Any:
+    try:
+        return json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"no such file: {source}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{source} is a folder, not a saved conversation") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{source} is not a saved conversation: {text}") from None
+    except RecursionError:
+        raise UsageError(f"{source} is not a saved conversation: nested too deeply") from None
+
+
+def _field(source: Path, check: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return check(*args)
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc.message}", hint=exc.hint) from None

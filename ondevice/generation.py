@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ondevice import stats
-from ondevice._native.engine import Engine, Sampler
+from ondevice import speculate, stats
+from ondevice._native.engine import Batch, Engine, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice.results import Chunk
 from ondevice.stats import Stats
@@ -54,6 +54,52 @@ class TokenCache:
 
 
 @dataclass
+class Trigger:
+    """A lazy grammar: generation is free until `text` appears (its tokens starting at a token
+    boundary); those tokens are replayed into `grammar`, which then constrains what follows,
+    until `end` appears (then generation is free again) or the reply ends."""
+
+    text: str
+    grammar: Grammar
+    end: str = ""
+    recent: list[tuple[int, str]] = field(default_factory=list)  # (token, text) since a call
+    active: bool = False
+
+    def seen(self, eng: Engine, req: Request, tok: int) -> None:
+        """After each token of the reply: switch the grammar on or off."""
+        piece = eng.piece(tok, True).decode("utf-8", errors="replace")
+        self.recent.append((tok, piece))
+        if self.active:
+            if self.end and self.end in "".join(p for _, p in self.recent[-8:]):
+                req.grammar, self.active, self.recent = None, False, []
+            return
+        text = "".join(p for _, p in self.recent)
+        start = text.find(self.text)
+        if start < 0:
+            del self.recent[: max(0, len(self.recent) - 16)]
+            return
+        self._activate(eng, req, start)
+
+    def _activate(self, eng: Engine, req: Request, start: int) -> None:
+        pos, i = 0, 0
+        while i < len(self.recent) and pos < start:
+            pos += len(self.recent[i][1])
+            i += 1
+        replay = [t for t, _ in self.recent[i:]]
+        self.recent = self.recent[i:]
+        if pos != start or not all(self._fits(t) for t in replay):
+            self.recent = []  # not at a token boundary, or not a call after all: stay free
+            return
+        req.grammar, self.active = self.grammar, True
+
+    def _fits(self, tok: int) -> bool:
+        if not self.grammar.allows(tok):
+            return False
+        self.grammar.accept(tok)
+        return True
+
+
+@dataclass
 class Request:
     """One generation: the prompt's tokens, the sampler, and when to stop."""
 
@@ -63,6 +109,9 @@ class Request:
     stops: list[str]
     cancelled: Callable[[], bool]
     grammar: Grammar | None = None
+    speculation: speculate.Policy | None = None  # prompt-lookup drafting (ondevice.speculate)
+    trigger: Trigger | None = None  # a grammar that starts when its trigger text appears
+    batch: Batch | None = None  # for verifying drafts
     # With a repeat penalty the chain's choice must not be accepted before the grammar agrees
     # (the penalty would remember a refused token): apply the grammar first, always.
     grammar_first: bool = False
@@ -102,62 +151,209 @@ def _evaluate_prompt(eng: Engine, cache: TokenCache, req: Request, st: Stats) ->
     return True
 
 
+class _Emitter:
+    """The reply's text as it grows: UTF-8 decoding across token boundaries, stop strings
+    (text that could start one is held back), and the Chunk with the tokens since the last."""
+
+    def __init__(self, stops: list[str], st: Stats, t_call: float) -> None:
+        self.stops = stops
+        self.hold_back = max((len(s) for s in stops), default=0) - 1
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded text not yet handed out
+        self.new_tokens: list[int] = []
+        self.n = 0
+        self.t_first = self.t_last = 0.0
+        self.st, self.t_call = st, t_call
+        self.pending_chunk: Chunk | None = None  # the speculative loop's hand-over
+
+    def sampled(self) -> None:
+        """Count a sampled token (the one ending generation too) and stamp the time."""
+        self.n += 1
+        self.t_last = time.perf_counter()
+        if self.n == 1:
+            self.t_first = self.t_last
+            self.st.ttft_s = self.t_first - self.t_call
+
+    def push(self, tok: int, piece: bytes) -> tuple[Chunk | None, bool]:
+        """Add a token's bytes; (a Chunk to hand out or None, whether a stop string ended)."""
+        self.new_tokens.append(tok)
+        self.pending += self.decoder.decode(piece)
+        stops = self.stops
+        if stops:
+            cut = find_stop(self.pending, stops)
+            if cut is not None:
+                self.pending = self.pending[:cut]
+                return None, True
+            safe = safe_prefix(self.pending, stops, self.hold_back)
+        else:
+            safe = len(self.pending)
+        if not safe:
+            return None, False
+        chunk = Chunk(self.pending[:safe], tuple(self.new_tokens))
+        self.pending = self.pending[safe:]
+        self.new_tokens = []
+        return chunk, False
+
+    def last(self, reason: str, max_tokens: int) -> Chunk:
+        st = self.st
+        self.pending += self.decoder.decode(b"", final=True)
+        if reason == "length" and max_tokens >= 0 and self.n < max_tokens:
+            st.notes.append("the context is full")
+        st.completion_tokens = self.n
+        if self.n > 1 and self.t_last > self.t_first:
+            st.generation_tps = (self.n - 1) / (self.t_last - self.t_first)
+        st.finish_reason = reason
+        finish(st, self.t_call)
+        return Chunk(self.pending, tuple(self.new_tokens), reason, st)
+
+
+def _limit(eng: Engine, cache: TokenCache, req: Request) -> int:
+    room = eng.n_ctx - len(cache.tokens)  # positions left in the context
+    return min(req.max_tokens, room) if req.max_tokens >= 0 else room
+
+
 def _generate(
     eng: Engine, cache: TokenCache, req: Request, st: Stats, t_call: float
 ) -> Iterator[Chunk]:
-    stops = req.stops
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    hold_back = max((len(s) for s in stops), default=0) - 1
-    pending = ""  # decoded text not yet emitted (could start a stop string)
-    new_tokens: list[int] = []
-    n_generated = 0
-    t_first = t_last = 0.0
+    if req.speculation is not None and req.grammar is None:
+        yield from _generate_speculative(eng, cache, req, st, t_call)
+        return
+    out = _Emitter(req.stops, st, t_call)
+    limit = _limit(eng, cache, req)
     finish_reason = "length"
-    room = eng.n_ctx - len(cache.tokens)  # positions left in the context
-    limit = min(req.max_tokens, room) if req.max_tokens >= 0 else room
     sample, piece, is_eog, decode_one = eng.sample, eng.piece, eng.is_eog, eng.decode_one
     sampler, cancelled, cached, grammar = req.sampler, req.cancelled, cache.tokens, req.grammar
-    while n_generated < limit:
+    while out.n < limit:
         if cancelled():
             finish_reason = "cancelled"
             break
         tok = sample(sampler) if grammar is None else _constrained(eng, req, st)
-        n_generated += 1
-        t_last = time.perf_counter()
-        if n_generated == 1:
-            t_first = t_last
-            st.ttft_s = t_first - t_call
+        out.sampled()
         if is_eog(tok):
             finish_reason = "stop"
             break
-        new_tokens.append(tok)
-        pending += decoder.decode(piece(tok))
-        if stops:
-            cut = find_stop(pending, stops)
-            if cut is not None:
-                pending = pending[:cut]
-                finish_reason = "stop"
-                break
-            safe = safe_prefix(pending, stops, hold_back)
-        else:
-            safe = len(pending)
-        if safe:
-            yield Chunk(pending[:safe], tuple(new_tokens))
-            pending = pending[safe:]
-            new_tokens = []
-        if n_generated >= limit:
+        if req.trigger is not None:
+            req.trigger.seen(eng, req, tok)
+            grammar = req.grammar
+        chunk, stopped = out.push(tok, piece(tok))
+        if stopped:
+            finish_reason = "stop"
+            break
+        if chunk is not None:
+            yield chunk
+        if out.n >= limit:
             break
         decode_one(tok)
         cached.append(tok)
-    pending += decoder.decode(b"", final=True)
-    if finish_reason == "length" and req.max_tokens >= 0 and n_generated < req.max_tokens:
-        st.notes.append("the context is full")
-    st.completion_tokens = n_generated
-    if n_generated > 1 and t_last > t_first:
-        st.generation_tps = (n_generated - 1) / (t_last - t_first)
-    st.finish_reason = finish_reason
-    finish(st, t_call)
-    yield Chunk(pending, tuple(new_tokens), finish_reason, st)
+    yield out.last(finish_reason, req.max_tokens)
+
+
+def _generate_speculative(
+    eng: Engine, cache: TokenCache, req: Request, st: Stats, t_call: float
+) -> Iterator[Chunk]:
+    """Like _generate, with prompt-lookup drafts verified in one decode each (the module
+    docstring of ondevice.speculate says when it drafts). Every emitted token is sampled by
+    the request's own chain from the target model's logits at its position, in order, so the
+    text is what plain decoding gives (greedy: equal up to batched kernels' rounding)."""
+    spec = req.speculation
+    assert spec is not None
+    index = speculate.NgramIndex(list(req.tokens))
+    out = _Emitter(req.stops, st, t_call)
+    limit = _limit(eng, cache, req)
+    cached = cache.tokens
+    reason = "length" if limit <= 0 else ""
+    tok = -1
+    while not reason:
+        if req.cancelled():  # before each token, as plain decoding checks
+            reason = "cancelled"
+            break
+        if tok < 0:
+            tok = eng.sample(req.sampler)
+        out.sampled()
+        reason = _emit(eng, out, tok, limit)
+        if out.pending_chunk is not None:
+            yield out.pending_chunk
+        if reason:
+            break
+        index.append(tok)
+        room = min(limit - out.n, eng.n_ctx - len(cached) - 1)
+        k = spec.length(min(room, len(index.draft(speculate.DRAFT_LENGTHS[-1]))))
+        draft = index.draft(k) if k else []
+        if not draft:
+            t0 = time.perf_counter()
+            eng.decode_one(tok)
+            spec.observe_decode(1, time.perf_counter() - t0)
+            cached.append(tok)
+            tok = -1  # sampled at the top, after the cancel check
+            continue
+        tok, reason, chunks = _verify(eng, cache, req, out, index, tok, draft, limit)
+        yield from chunks
+    yield out.last(reason, req.max_tokens)
+
+
+def _emit(eng: Engine, out: _Emitter, tok: int, limit: int) -> str:
+    """Hand a sampled token to the emitter; the finish reason if it ends the reply, else ""."""
+    out.pending_chunk = None
+    if eng.is_eog(tok):
+        return "stop"
+    chunk, stopped = out.push(tok, eng.piece(tok))
+    if stopped:
+        return "stop"
+    out.pending_chunk = chunk
+    if out.n >= limit:
+        return "length"
+    return ""
+
+
+def _verify(
+    eng: Engine,
+    cache: TokenCache,
+    req: Request,
+    out: _Emitter,
+    index: speculate.NgramIndex,
+    tok: int,
+    draft: list[int],
+    limit: int,
+) -> tuple[int, str, list[Chunk]]:
+    """Decode tok + draft in one batch (logits everywhere), then sample position by position
+    while the samples equal the draft; roll the KV cache back past the first difference.
+    Returns (the next token to decode, a finish reason or "", chunks to hand out)."""
+    spec, cached = req.speculation, cache.tokens
+    assert spec is not None
+    p = len(cached)
+    batch = req.batch
+    assert batch is not None
+    batch.clear()
+    batch.add(tok, p, 0, True)
+    for j, d in enumerate(draft):
+        batch.add(d, p + 1 + j, 0, True)
+    t0 = time.perf_counter()
+    eng.decode_batch(batch)
+    spec.observe_decode(len(draft) + 1, time.perf_counter() - t0)
+    cached.append(tok)
+    chunks: list[Chunk] = []
+    reason, nxt, accepted = "", -1, 0
+    for i in range(len(draft) + 1):
+        t = eng.sample(req.sampler, i)
+        if i == len(draft) or t != draft[i]:
+            nxt = t  # the correction (or the bonus token after a fully accepted draft)
+            break
+        accepted += 1
+        out.sampled()
+        reason = _emit(eng, out, t, limit)
+        if out.pending_chunk is not None:
+            chunks.append(out.pending_chunk)
+        if reason:
+            break
+        index.append(t)
+        cached.append(t)
+    spec.observe_draft(len(draft), accepted)
+    st = out.st
+    st.drafted_tokens += len(draft)
+    st.accepted_tokens += accepted
+    if not eng.kv_keep(len(cached)):  # positions past what we keep are a rejected draft
+        cache.invalidate(eng)
+    return nxt, reason, chunks
 
 
 def _constrained(eng: Engine, req: Request, st: Stats) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ondevice import model_check
 from ondevice.errors import InvalidModelFile
 
 GGUF_MAGIC = b"GGUF"
@@ -465,7 +466,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         cur.fail("the file holds no tensors (a vocabulary-only file is not a model)")
     data_offset = -(-cur.pos // alignment) * alignment
     _check_layout(cur, tensors, offset_at, alignment, data_offset)
-    return GGUFHeader(
+    header = GGUFHeader(
         path=path,
         version=version,
         metadata=metadata,
@@ -475,6 +476,10 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         data_offset=data_offset,
         file_size=size,
     )
+    # What a well-formed file must also be for llama.cpp not to abort (heads, rotary dims,
+    # tensor types by role, special tokens); a tensor's type field lies just before its offset.
+    model_check.check(header, cur.key_at, [at - 4 for at in offset_at])
+    return header
 
 
 def _read_key_values(

@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ondevice import app, backends, fit, locate, policy, stats, system, tune_store
+from ondevice import app, backends, fit, locate, policy, speculate, stats, system, tune_store
 from ondevice._native import binding
 from ondevice._native.engine import Engine, EngineConfig
 from ondevice.errors import Cancelled, LoadCancelled, ModelLoadError, OndeviceError, UsageError
 from ondevice.gguf_header import GGUFHeader, read_header
+from ondevice.model_check import mmap_aligned
+from ondevice.probe import ensure_safe
 from ondevice.runtime import Model
 from ondevice.settings import check_load
 
@@ -55,8 +57,10 @@ def load(
     no_fallback: bool = False,
     force: bool = False,
     parallel: int = 1,
+    speculative: str = "auto",
     omp_passive: bool = True,
     reset_peak_rss: bool = True,
+    trust: bool = False,
 ) -> Model:
     """Load a model: a path to a .gguf file, `demo`, or a name from the local store.
 
@@ -85,6 +89,9 @@ def load(
                  running on the CPU (the fallback is noted in Model.notes and Stats.notes).
     force        load even when ondevice.fit predicts the model will not fit the available
                  memory (otherwise DoesNotFit is raised before llama.cpp allocates anything).
+    speculative  "auto" (draft tokens by prompt lookup and verify them in one decode, only
+                 while it pays: ondevice.speculate), "lookup" (whenever a lookup matches),
+                 "off"; stream(speculative=...) overrides it per call.
     parallel     sequences the context holds at once, each with n_ctx tokens of its own (the
                  KV cache is `parallel` times larger): for batched generation
                  (`Model.generate_many`, `ondevice.batch`, `ondevice serve --parallel`).
@@ -98,9 +105,19 @@ def load(
                     this model only, not what the process did before.
 
     The file is validated before llama.cpp sees it: a malformed file raises InvalidModelFile
-    instead of crashing the process.
+    instead of crashing the process. The first load of a file this machine has not run before
+    happens in a child process first (ondevice.probe: about 1 s for a 100 MB model, about one
+    more load of a larger one; remembered afterwards), so a file llama.cpp aborts on raises InvalidModelFile instead of killing this
+    one. A file whose tensors would be misaligned in memory is read without mmap.
+    trust        skip that child-process check: for files you made or vetted yourself. It
+                 risks the whole process: a file llama.cpp aborts on (SIGABRT, SIGSEGV) then
+                 takes this process, and everything in it, down with it.
     """
     t0 = time.perf_counter()
+    if speculative not in speculate.MODES:
+        raise UsageError(
+            f"speculative must be one of {', '.join(speculate.MODES)}, not {speculative!r}"
+        )
     if omp_passive:
         policy.set_omp_passive()
     path = locate.resolve(model)
@@ -115,14 +132,21 @@ def load(
     if parallel > 1:
         plan.config.n_seq_max = parallel
         plan.config.n_ctx *= parallel  # llama.cpp splits the context between the sequences
+    if plan.config.use_mmap and not mmap_aligned(header):
+        plan.config.use_mmap = plan.settings["use_mmap"] = False  # mapped, ggml would abort
+        plan.notes.append(policy.UNALIGNED_NOTE)
     if not force and plan.placement.n_gpu_layers == 0:
         _check_memory(header, plan)
+    if not trust:
+        ensure_safe(path, header, plan.config)  # a first load: in a child process
     if reset_peak_rss:
         stats.reset_peak_rss()
     eng, plan = _open_engine(path, header, plan, _progress(on_progress), no_fallback)
     if plan.placement.on_gpu:
         _warm_up(eng)
-    return _model(path, header, eng, plan, time.perf_counter() - t0)
+    m = _model(path, header, eng, plan, time.perf_counter() - t0)
+    m.speculative = speculative
+    return m
 
 
 @dataclass

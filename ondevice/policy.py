@@ -42,6 +42,12 @@ REPACK_TYPES: dict[str, tuple[frozenset[str], int]] = {
 }
 
 
+UNALIGNED_NOTE = (
+    "read without mmap: the file's general.alignment leaves tensors at addresses ggml can't "
+    "use mapped"
+)
+
+
 def amx_build_likely(cpu_features: Iterable[str]) -> bool:
     """Whether llama.cpp as built here most likely has AMX kernels, from the CPU's flags alone:
     the binding compiles llama.cpp for the host CPU (-march=native), so a CPU that reports

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ondevice import paths, store
+from ondevice import paths, probe, store
 from ondevice.errors import (
     ConversionError,
     DownloadError,
@@ -401,6 +401,9 @@ def _check_gguf(path: Path, quant: str) -> str | None:
     """Validate the header (nothing malformed enters the store); return the file type name."""
 
     header = read_header(path)
+    # The hub's bytes are untrusted: load them once in a child process now, so a file llama.cpp
+    # dies on is refused before it is stored, and its first `run` is free.
+    probe.ensure_safe(path, header)
     ftype = header.metadata.get("general.file_type")
     if not isinstance(ftype, int):
         return None

@@ -398,6 +398,13 @@ class Repl:
                 ),
                 ("  time", f"TTFT {st.ttft_s * 1000:.0f} ms, total {st.total_s:.2f} s"),
                 (
+                    "  speculative",
+                    f"{st.drafted_tokens} drafted, {st.accepted_tokens} accepted "
+                    f"({st.acceptance:.0%})"
+                    if st.drafted_tokens
+                    else "no drafts",
+                ),
+                (
                     "  memory",
                     f"RSS {st.rss_bytes / mib:.0f} MiB, peak {st.peak_rss_bytes / mib:.0f} MiB",
                 ),

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from ondevice import app, batch, constrain, conversation
-from ondevice._native.engine import Engine, EngineConfig, Sampler
+from ondevice import app, batch, constrain, conversation, speculate
+from ondevice._native.engine import Batch, Engine, EngineConfig, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice._native.log import offloaded_layers
 from ondevice.errors import ContextOverflow, ModelClosed, UsageError
-from ondevice.generation import Request, TokenCache, stream_tokens
+from ondevice.generation import Request, TokenCache, Trigger, stream_tokens
 from ondevice.gguf_header import GGUFHeader
 from ondevice.results import Chunk, Result
 from ondevice.settings import MAX_TOKENS, sampling_params
@@ -87,12 +87,19 @@ class Model:
         self.offloaded: tuple[int, int] | None = offloaded_layers(self.load_log)
         self._kv_bytes = kv_bytes
         self._lock = threading.Lock()
+        # Tokenizing reads only the vocabulary, which llama.cpp never changes: it needs no turn
+        # at the model (so an HTTP thread can tokenize while the scheduler decodes), only that
+        # close() doesn't free the vocabulary under it.
+        self._vocab_lock = threading.Lock()
         self._owner: int | None = None
         self._cancel = threading.Event()
         self._closing = False
         self._close_pending = False
         self._cache = TokenCache()
         self.last_stats: Stats | None = None
+        self.speculative = "auto"  # the load's default for stream(speculative=None)
+        self._policies: dict[str, speculate.Policy] = {}
+        self._spec_batch: Batch | None = None
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -116,9 +123,10 @@ class Model:
             self._close_pending = True
 
     def _free(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        with self._vocab_lock:  # no tokenization may be running on another thread
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
 
     @property
     def closed(self) -> bool:
@@ -202,29 +210,41 @@ class Model:
         """Token ids of `text` (a str, or UTF-8 bytes). `parse_special` turns written control
         tokens (`<|im_start|>`) into their ids; pass False for untrusted text."""
         data = _utf8(text)
-        with self.lock():
+        with self._vocab():
             return self._live_engine().tokenize(
                 data, add_special=add_special, parse_special=parse_special
             )
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         """The text of token ids; UsageError for an id outside the vocabulary."""
-        with self.lock():
+        with self._vocab():
             return self._live_engine().detokenize(list(tokens), special=special)
 
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends generation (end of text, end of turn...)."""
-        with self.lock():
+        with self._vocab():
             eng = self._live_engine()
             eng.check_tokens([token])
             return eng.is_eog(token)
 
     def token_bytes(self, tokens: Sequence[int], *, special: bool = True) -> list[bytes]:
         """Each token's bytes (a token may hold part of a UTF-8 character)."""
-        with self.lock():
+        with self._vocab():
             eng = self._live_engine()
             eng.check_tokens(tokens)
-            return [eng.piece(t, special) for t in tokens]
+            return [self._piece(eng, t, special) for t in tokens]
+
+    @contextlib.contextmanager
+    def _vocab(self) -> Iterator[None]:
+        with self._vocab_lock:
+            if self.closed:
+                raise ModelClosed("the model is closed", hint="load it again with ondevice.load()")
+            yield
+
+    @staticmethod
+    def _piece(eng: Engine, token: int, special: bool) -> bytes:
+        # The engine's shared piece buffer belongs to the generating thread: use a fresh one.
+        return eng.piece_copy(token, special)
 
     # --- concurrency and the KV cache ----------------------------------------------------
     def lock(self) -> _ModelLock:
@@ -286,6 +306,8 @@ class Model:
         grammar: str | None = None,
         json_schema: Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
+        speculative: str | None = None,
+        lazy_grammar: tuple[str, str] | None = None,
         **sampling: Any,
     ) -> Iterator[Chunk]:
         """Stream the completion of `prompt` (text, or token ids) as `Chunk`s.
@@ -301,14 +323,30 @@ class Model:
         {"type": "json_schema", "json_schema": {"schema": ...}}). The reply then always matches;
         `Result.json` parses it (and refuses a reply cut by max_tokens). A bad grammar or
         schema is a UsageError before any token is generated.
+
+        `speculative` ("auto", "lookup", "off"; default: the load's) drafts tokens by prompt
+        lookup and verifies them in one batched decode (ondevice.speculate): the same text,
+        faster where the reply repeats spans of the prompt. Not combined with a grammar.
+
+        `lazy_grammar=(trigger, gbnf)`: free text until `trigger` appears (tool calls: the
+        format's opening tag), then the GBNF, which starts with the trigger, constrains the
+        rest; a trigger that isn't followed by a valid start is left as text.
         """
         params = sampling_params(sampling)
         constraint = constrain.from_request(grammar, json_schema, response_format)
+        spec = self._speculation(self.speculative if speculative is None else speculative)
+        if lazy_grammar is not None:
+            if constraint is not None:
+                raise UsageError("lazy_grammar can't be combined with another constraint")
+            trigger, gbnf = lazy_grammar
+            constraint = constrain.Constraint(gbnf, "lazy", trigger=trigger)
         max_tokens = MAX_TOKENS.validate(max_tokens)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         if isinstance(prompt, str):
             prompt = _utf8(prompt).decode("utf-8")
-        return self._stream(prompt, max_tokens, stops, cancel, add_special, params, constraint)
+        return self._stream(
+            prompt, max_tokens, stops, cancel, add_special, params, constraint, spec
+        )
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Result:
         """The whole completion at once: loops over `stream()`."""
@@ -338,6 +376,7 @@ class Model:
         add_special: bool,
         params: Any,
         constraint: constrain.Constraint | None = None,
+        spec: speculate.Policy | None = None,
     ) -> Iterator[Chunk]:
         t_call = time.perf_counter()
         with self.lock():
@@ -358,7 +397,15 @@ class Model:
             )
             sampler = Sampler(params, self.n_vocab)
             req = Request(tokens, sampler, max_tokens, stops, cancelled)
-            if constraint is not None:
+            if spec is not None and constraint is None and req.trigger is None:
+                if self._spec_batch is None:
+                    self._spec_batch = Batch(speculate.DRAFT_LENGTHS[-1] + 1)
+                req.speculation, req.batch = spec, self._spec_batch
+            if constraint is not None and constraint.trigger:
+                grammar = Grammar(eng.vocab, self.n_vocab, constraint.gbnf)
+                req.trigger = Trigger(constraint.trigger, grammar, constraint.trigger_end)
+                st.constraint = "lazy"
+            elif constraint is not None:
                 req.grammar = self._grammar(eng, constraint, st)
                 req.grammar_first = params.repeat_penalty != 1.0
             try:
@@ -372,9 +419,24 @@ class Model:
                 sampler.close()
                 if req.grammar is not None:
                     req.grammar.close()
+                if req.trigger is not None:
+                    req.trigger.grammar.close()
         # The last chunk is handed out after the model is released, so a consumer that stops
         # iterating once it has the stats doesn't keep the model locked.
         yield final
+
+    def _speculation(self, mode: str) -> speculate.Policy | None:
+        """The drafting policy for `mode` (kept across calls: it carries the measured decode
+        costs and recent acceptance), or None for "off"."""
+        if mode not in speculate.MODES:
+            raise UsageError(
+                f"speculative must be one of {', '.join(speculate.MODES)}, not {mode!r}"
+            )
+        if mode == "off":
+            return None
+        if mode not in self._policies:
+            self._policies[mode] = speculate.Policy(mode)
+        return self._policies[mode]
 
     def _grammar(self, eng: Engine, constraint: constrain.Constraint, st: Stats) -> Grammar:
         st.constraint = constraint.kind
@@ -407,15 +469,15 @@ class Model:
     def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> Iterator[Chunk]:
         """Stream the reply to OpenAI-style messages in the model's chat format, like stream().
 
-        Keywords: chat_format, max_tokens, stop, cancel and the sampling parameters
-        (see `ondevice.conversation.chat`)."""
+        Keywords: chat_format, tools, documents, allow_control_tokens, max_tokens, stop, cancel
+        and the sampling parameters (see `ondevice.conversation.chat`)."""
         return conversation.chat(self, messages, **kwargs)
 
     def conversation(self, system: str | None = None, **kwargs: Any) -> conversation.Conversation:
         """A `Conversation` that keeps the history and reuses the KV cache between turns.
 
-        Keywords: chat_format, max_tokens, stop and sampling defaults for every turn
-        (see `ondevice.conversation.Conversation`)."""
+        Keywords: chat_format, tools, documents, allow_control_tokens, max_tokens, stop and
+        sampling defaults for every turn (see `ondevice.conversation.Conversation`)."""
         return conversation.Conversation(self, system, **kwargs)
 
     def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> app.AsyncStream:

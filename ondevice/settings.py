@@ -234,6 +234,13 @@ LOAD: dict[str, Setting] = _table(
         "Prompt tokens per compute pass [default: 512].", nullable=True,
     ),
     Setting(
+        "speculative", str, "auto", lambda v: v in ("auto", "lookup", "off"),
+        "auto, lookup or off",
+        "Speculative decoding by prompt lookup: auto (only while it pays), lookup (always "
+        "when a lookup matches) or off.", ("--speculative",),
+        choices=("auto", "lookup", "off"),
+    ),
+    Setting(
         "repack", bool, None, lambda v: True, "on or off",
         "llama.cpp's weight repacking [default: on; off on AMX builds].", nullable=True,
     ),

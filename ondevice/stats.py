@@ -125,6 +125,10 @@ class Stats:
       grammar_compile_s   seconds to turn the schema into a grammar (0 when cached).
       grammar_resamples   tokens the chain chose that the grammar refused, so the chain chose
                           again among the allowed ones (the cost of the constraint).
+    Speculative decoding (speculative="auto"/"lookup"):
+      drafted_tokens      tokens drafted by prompt lookup and verified in batched decodes.
+      accepted_tokens     of those, the ones the model's own sampling agreed with (each saved
+                          one decode); `acceptance` is their ratio.
     """
 
     prompt_tokens: int = 0
@@ -146,11 +150,21 @@ class Stats:
     constraint: str = ""
     grammar_compile_s: float = 0.0
     grammar_resamples: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted tokens of speculative decoding (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
     # Extra, structured notes (a GPU fallback warning, a dropped chat turn...).
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["acceptance"] = self.acceptance
+        return out
 
     def summary(self) -> str:
         """One line for humans: tokens, speeds, time to first token, memory."""

@@ -35,9 +35,16 @@ class _Aborted(BaseException):
 
 
 def run_bounded(
-    fn: Callable[[], T], *, timeout_s: float, max_rss_growth: int, name: str = "ondevice-bounded"
+    fn: Callable[[], T],
+    *,
+    timeout_s: float,
+    max_rss_growth: int,
+    name: str = "ondevice-bounded",
+    poll_s: float = 0.01,
+    shown_s: float | None = None,
 ) -> T:
-    """`fn()` on a helper thread; its result, or its exception re-raised here, or `Exceeded`."""
+    """`fn()` on a helper thread; its result, or its exception re-raised here, or `Exceeded`
+    (whose reason names `shown_s` as the limit when given, e.g. a budget shared by steps)."""
     result: dict[str, Any] = {}
 
     def work() -> None:
@@ -50,18 +57,18 @@ def run_bounded(
     deadline = time.monotonic() + timeout_s
     worker = threading.Thread(target=work, name=name, daemon=True)
     worker.start()
-    worker.join(0.02)
+    worker.join(poll_s)
     while worker.is_alive():
         reason = None
         if time.monotonic() > deadline:
-            reason = f"took longer than {timeout_s:g} s"
+            reason = f"took longer than {shown_s or timeout_s:g} s"
         elif stats.rss_bytes() - rss0 > max_rss_growth:
             reason = f"used more than {max_rss_growth // (1024 * 1024)} MiB of memory"
         if reason:
             interrupt(worker)
             worker.join(0.5)
             raise Exceeded(reason)
-        worker.join(0.01)
+        worker.join(poll_s)
     if "error" in result:
         err = result["error"]
         if isinstance(err, _Aborted):

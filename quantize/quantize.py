@@ -32,6 +32,7 @@ import ondevice
 from ondevice import locate, paths, processes
 from ondevice.errors import QuantizeError
 from ondevice.gguf_header import GGUFHeader, read_header
+from ondevice.probe import ensure_safe
 
 from .imatrix import read_imatrix
 from .types import QuantType, get_type
@@ -119,6 +120,9 @@ def quantize(
         }
         _run_child(job, qtype, on_progress, cancel)
         out = read_header(tmp)  # the engine said it's done; make sure the file says so too
+        # Its metadata is the source file's: load it once in a child process before it gets
+        # its name (a first `run` of it is then free).
+        ensure_safe(tmp, out, shown=dst_path, error=QuantizeError)
     seconds = time.perf_counter() - t0
     return QuantizeResult(
         path=dst_path,

@@ -100,6 +100,9 @@ class TinySpec:
     extra_tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tokens: list[str] | None = None
     float_only: bool = False  # F16 matrices only (a quantizer input), no Q8_0
+    # tensor name -> ggml type to store it as (its data: random values or bytes of that type)
+    types: dict[str, Q] = field(default_factory=dict)
+    alignment: int | None = None  # general.alignment (None: the default 32, not written)
 
 
 def tiny_tensors(spec: TinySpec, n_vocab: int) -> dict[str, tuple[tuple[int, ...], Q]]:
@@ -177,6 +180,8 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
             shapes[name] = (override, shapes.get(name, (override, Q.F32))[1])
     for name, shape in spec.extra_tensors.items():
         shapes[name] = (shape, Q.F32)
+    if spec.alignment is not None:
+        w.add_custom_alignment(spec.alignment)
     for name, (shape, qtype) in shapes.items():
         if spec.float_only and qtype == Q.Q8_0:
             qtype = Q.F16
@@ -184,7 +189,9 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
             data = np.ones(shape, dtype=np.float32)
         else:
             data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        if qtype == Q.F16:
+        if name in spec.types:
+            _add_typed(w, name, data, spec.types[name], rng)
+        elif qtype == Q.F16:
             w.add_tensor(name, data.astype(np.float16))
         elif qtype == Q.Q8_0:
             from gguf.quants import quantize
@@ -197,6 +204,29 @@ def build_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_PLAIN = {Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16, Q.I32: np.int32, Q.I64: np.int64}
+
+
+def _add_typed(w: GGUFWriter, name: str, data: np.ndarray, qtype: Q, rng: Any) -> None:
+    """A tensor stored as `qtype`, whatever its role: plain types get the values converted
+    (integers: small ones), block types random bytes of the right size."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if qtype == Q.F32:
+        w.add_tensor(name, data)
+    elif qtype == Q.F16:
+        w.add_tensor(name, data.astype(np.float16))
+    elif qtype in _PLAIN:
+        dtype = _PLAIN[qtype]
+        values = data if qtype == Q.F64 else np.round(data * 20)
+        w.add_tensor(name, values.astype(dtype))
+    else:
+        block, size = GGML_QUANT_SIZES[qtype]
+        row = data.shape[-1] // block * size
+        raw = rng.integers(0, 256, (*data.shape[:-1], row), dtype=np.uint8)
+        w.add_tensor(name, raw, raw_dtype=qtype)
 
 
 # --- a trusting layout parser for valid files -------------------------------------------------
@@ -710,6 +740,121 @@ def model_cases() -> list[ModelCase]:
          "<0xXX>"),
     ]  # fmt: skip
     return [ModelCase(*row) for row in table]
+
+
+# --- issue 20: well-formed files that pass a GGUF parser and still kill llama.cpp -------------
+
+
+@dataclass
+class HostileCase:
+    """A tiny llama that a GGUF parser accepts and raw llama.cpp dies on, from one class of the
+    second adversarial pass. `raw` is what raw llama.cpp does with it (loaded, a prompt decoded,
+    every token detokenized): "abort" (SIGABRT) or "segv" (SIGSEGV). `expect` is a word of the
+    error ondevice must give instead (its field or message). Alignment cases are not refused:
+    ondevice reads them without mmap (`raw` is what they do mapped)."""
+
+    name: str
+    klass: str
+    spec: TinySpec
+    expect: str
+    raw: str
+
+    def build(self, path: Path) -> Path:
+        if self.klass == "alignment":
+            return build_unaligned(path, self.spec)
+        return build_tiny_llama(path, self.spec)
+
+
+def build_unaligned(path: Path, spec: TinySpec) -> Path:
+    """The spec (with a small general.alignment) written so that its tensors do NOT lie at
+    32-byte multiples of the file: the model name is lengthened until the data section starts
+    off a 32-byte boundary (with alignment 32 the padding would always realign it)."""
+    for pad in range(64):
+        name = "tiny-llama" + "x" * pad
+        kv = {**spec.kv, "general.name": (name, V.STRING, None)}
+        build_tiny_llama(path, replace(spec, kv=kv))
+        lay = Layout.read(path)
+        if any((lay.data_start + t.offset) % 32 for t in lay.tensors):
+            return path
+    raise AssertionError(f"alignment {spec.alignment} always gives aligned tensors")
+
+
+BERT_TOKENS = ["[PAD]"] + [f"w{i}" for i in range(40)] + ["[UNK]", "[CLS]", "[SEP]"]
+
+
+def hostile_cases() -> list[HostileCase]:
+    """One file per rule of ondevice.model_check, named after the class in issue 20."""
+    big = {"n_embd": 256, "n_ff": 256}  # 256-wide rows: what Q8_K's blocks need
+    bert = {
+        "tokenizer.ggml.model": ("bert", V.STRING, None),
+        "tokenizer.ggml.bos_token_id": None,
+        "tokenizer.ggml.eos_token_id": None,
+        "tokenizer.ggml.merges": None,
+    }
+    glm4 = {
+        "tokenizer.ggml.pre": ("glm4", V.STRING, None),
+        "tokenizer.ggml.add_bos_token": (True, V.BOOL, None),
+        "tokenizer.ggml.bos_token_id": None,
+    }
+    rows: list[tuple[str, str, TinySpec, str, str]] = [
+        ("KV_HEADS_NOT_DIVIDING", "heads", TinySpec(n_head=4, n_head_kv=3), "divide", "abort"),
+        ("KV_HEADS_OVER_HEADS", "heads", TinySpec(n_head=4, n_head_kv=8), "divide", "abort"),
+        ("KV_HEADS_ARRAY_ZERO", "heads",
+         TinySpec(kv={"llama.attention.head_count_kv": ([2, 0], V.ARRAY, V.UINT32)}),
+         "0 KV heads", "abort"),
+        ("KV_HEADS_ARRAY_VARYING", "heads",
+         TinySpec(kv={"llama.attention.head_count_kv": ([2, 1], V.ARRAY, V.UINT32)}),
+         "layer 0", "abort"),
+        ("ODD_HEAD_NO_ROPE_KEY", "rope",
+         TinySpec(n_embd=36, float_only=True, kv={"llama.rope.dimension_count": None}),
+         "odd number", "abort"),
+        ("BERT_VOCAB_TOO_SMALL", "special tokens", TinySpec(tokens=BERT_TOKENS, kv=bert),
+         "default id 101", "abort"),
+        ("BERT_WITHOUT_SEPARATOR", "special tokens",
+         TinySpec(tokens=BERT_TOKENS, kv={**bert, "tokenizer.ggml.bos_token_id":
+                                          (42, V.UINT32, None)}),
+         "seperator", "abort"),
+        ("BPE_ADD_BOS_WITHOUT_BOS", "special tokens", TinySpec(kv=glm4), "bos", "abort"),
+    ]  # fmt: skip
+    for t in ("Q8_K", "I8", "I16", "I32", "I64", "F64"):
+        spec = TinySpec(types={"blk.0.attn_q.weight": Q[t]}, **(big if t == "Q8_K" else {}))
+        rows.append((f"MATRIX_{t}", "matrix type", spec, "matrix", "segv"))
+    for t in ("I8", "I16", "I32", "Q8_K", "F64"):
+        spec = TinySpec(types={"token_embd.weight": Q[t]}, **(big if t == "Q8_K" else {}))
+        rows.append((f"EMBEDDING_{t}", "embedding type", spec, "embedding", "abort"))
+    for t in ("F16", "BF16", "I32", "Q8_0"):
+        spec = TinySpec(types={"blk.0.attn_norm.weight": Q[t]})
+        rows.append((f"NORM_{t}", "norm type", spec, "multiplied", "abort"))
+    rows.append(
+        (
+            "OUTPUT_NORM_F16",
+            "norm type",
+            TinySpec(types={"output_norm.weight": Q.F16}),
+            "multiplied",
+            "abort",
+        )
+    )
+    rows.append(("BIAS_F16", "bias type", TinySpec(extra_tensors={"blk.0.attn_q.bias": (64,)},
+                 types={"blk.0.attn_q.bias": Q.F16}), "added", "abort"))  # fmt: skip
+    for t in ("F16", "I32"):
+        spec = TinySpec(
+            extra_tensors={"rope_freqs.weight": (8,)}, types={"rope_freqs.weight": Q[t]}
+        )
+        rows.append((f"ROPE_FREQS_{t}", "rope_freqs type", spec, "rotary", "abort"))
+    for a in (1, 2, 4, 8):
+        rows.append((f"ALIGNMENT_{a}", "alignment", TinySpec(alignment=a), "", "abort"))
+    return [HostileCase(*row) for row in rows]
+
+
+def demo_norm_as_i32(demo: Path, out: Path, *, sparse: bool = False) -> Path:
+    """The real demo model with one byte changed: blk.0.attn_norm.weight's type F32 -> I32
+    (the same element size, so every offset stays valid)."""
+    lay = Layout.read(demo)
+    t = lay.tensor("blk.0.attn_norm.weight")
+    at = t.at + 8 + len(t.name) + 4 + 8 * len(t.dims)  # name, dim count, dims, then the type
+    assert struct.unpack_from("<I", lay.data, at) == (0,)  # F32
+    case = Case("DEMO_NORM_F32_TO_I32", lay.patched(at, "<I", 26), "attn_norm")
+    return case.write(out, demo, sparse=sparse)
 
 
 # --- fuzzing ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The batch scheduler's parts the server leans on, on the real demo model: the vocabulary from
+"""The batch scheduler's parts the server leans on, on the real demo model: tokenizing on
 another thread while it generates, chunks delivered to asyncio, cancelling (a running job, and
 a queued one that leaves the queue at once), and wall-time limits."""
 
@@ -23,7 +23,7 @@ def sched(demo_model):
 
 
 def _tokens(sched: Scheduler, text: str = PROMPT) -> list[int]:
-    return sched.vocab.tokenize(text)
+    return sched.model.tokenize(text)
 
 
 def _wait(predicate, timeout: float = 30.0) -> None:
@@ -44,8 +44,8 @@ def test_vocab_works_from_another_thread_while_a_job_generates(sched, demo_model
     worker.join(60)
     result = job.wait(120)
     assert got == [expected] * 50
-    assert sched.vocab.detokenize(expected) == "The capital of France is"
-    assert b"".join(sched.vocab.token_bytes(expected)) == b"The capital of France is"
+    assert demo_model.detokenize(expected) == "The capital of France is"
+    assert b"".join(demo_model.token_bytes(expected)) == b"The capital of France is"
     assert result.stats.completion_tokens > 0
 
 

@@ -226,3 +226,16 @@ def test_roofline_arithmetic(demo_path):
 def test_page_cache_residency_is_a_fraction(demo_path):
     frac = bench.cached_fraction(demo_path)
     assert frac is None or 0.0 <= frac <= 1.0
+
+
+def test_speculative_test_on_a_prompt_file(demo_path):
+    prompt = "Repeat this list exactly: apples, pears, plums, cherries, figs, dates.\nList:"
+    opts = bench.BenchOptions(
+        n_prompt=0, n_gen=24, reps=1, threads=[2], extras=False, spec_prompt=prompt
+    )
+    (rec,) = [r for r in bench.run_bench(demo_path, opts) if r.test.startswith("speculative")]
+    assert rec.test == "speculative24" and rec.speculative == "auto"
+    assert rec.tps_mean > 0 and rec.speedup is not None and rec.speedup > 0
+    assert 0 <= rec.acceptance <= 1 and rec.same_text in (True, False)
+    line = cli_bench.FORMATS["md"]([rec])
+    assert "x plain decoding" in line and "acceptance" in line

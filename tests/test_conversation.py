@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +237,95 @@ def test_common_prefix_len():
         other = data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
         assert _common_prefix_len(data, other) == i
         assert _common_prefix_len(data[:i], other) == i
+
+
+# --- OpenAI shapes: tools, tool messages, every key kept -----------------------------------------
+
+CHATML_TOOLS = str(Path(__file__).parent / "data" / "chat_templates" / "chatml-tools.jinja")
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+
+
+def test_tool_turns_and_every_key_through_save_and_load(demo_model, tmp_path):
+    demo_model.reset()
+    conv = demo_model.conversation(
+        "Be brief.", chat_format=CHATML_TOOLS, tools=TOOLS, temperature=0, max_tokens=8
+    )
+    conv.send("What is the weather in Paris?")
+    assert "<tools>" in conv.last_prompt.text and '"name": "get_weather"' in conv.last_prompt.text
+    assert conv.last_prompt.generation_prompt == "<|im_start|>assistant\n"
+    # The app runs the call it got back (parsing calls is not this test's business) ...
+    conv.append({"role": "assistant", "content": None, "tool_calls": [CALL]})
+    # ... and sends the result as a tool message.
+    result = {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "22 C"}
+    reply = conv.send(result)
+    text = conv.last_prompt.text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert text.endswith(
+        "<tool_response>\n22 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    st = reply.stats
+    assert 0 < st.prompt_eval_tokens < st.prompt_tokens / 2  # the cache still serves the history
+    roles = [m["role"] for m in conv.messages]
+    assert roles == ["system", "user", "assistant", "assistant", "tool", "assistant"]
+    assert conv.messages[3]["tool_calls"] == [CALL] and conv.messages[4] == result
+
+    path = conv.save(tmp_path / "tools.json")
+    other = demo_model.conversation(chat_format=CHATML_TOOLS)
+    assert other.load(path) == 5
+    assert other.messages == conv.messages and other.tools == TOOLS
+    assert other.render(True) == conv.render(True)
+    # one turn without the tools
+    assert "<tools>" not in other.send("Bye.", tools=None).text and other.tools == TOOLS
+    assert "<tools>" not in other.last_prompt.text
+
+
+def test_chat_takes_tools_and_documents(demo_model):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with_tools = list(
+        demo_model.chat(messages, chat_format=CHATML_TOOLS, tools=TOOLS, max_tokens=2)
+    )
+    without = list(demo_model.chat(messages, chat_format=CHATML_TOOLS, max_tokens=2))
+    assert with_tools[-1].stats.prompt_tokens > without[-1].stats.prompt_tokens + 20
+
+
+def test_bad_messages_and_files_are_one_line_errors(demo_model, tmp_path):
+    conv = demo_model.conversation()
+    for bad, match in [
+        (5, "a message is text"),
+        ([], "the message list is empty"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+         "image"),
+        ({"role": "system", "content": "x"}, "Conversation.system"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError, match=match):
+            conv.stream(bad)
+    files = {
+        "nested.json": "[" * 100_000 + "]" * 100_000,
+        "digits.json": '{"format": "ondevice.conversation", "messages": [], "n": '
+        + "9" * 5000
+        + "}",
+        "image.json": json.dumps([{"role": "user", "content": [{"type": "image", "url": "x"}]}]),
+        "tools.json": json.dumps({"format": "ondevice.conversation", "messages": [], "tools": 5}),
+    }
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    (tmp_path / "folder.json").mkdir()
+    for name in [*files, "folder.json"]:
+        with pytest.raises(UsageError) as err:
+            conv.load(tmp_path / name)
+        assert "\n" not in err.value.one_line() and str(tmp_path / name) in err.value.one_line()
+    assert conv.messages == []

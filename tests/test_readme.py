@@ -38,3 +38,38 @@ def test_cli_reference_is_current():
         timeout=120,
     )
     assert r.returncode == 0, "README CLI reference is stale: run `cog -r README.md`\n" + r.stderr
+
+
+def readme_examples() -> dict[str, str]:
+    """The README's Python examples marked `<!-- readme-example: NAME -->`."""
+    lines = README.read_text().splitlines()
+    out = {}
+    for n, line in enumerate(lines):
+        if line.startswith("<!-- readme-example:"):
+            name = line.split(":", 1)[1].strip(" ->")
+            assert lines[n + 1].startswith("```python")
+            end = next(i for i in range(n + 2, len(lines)) if lines[i].startswith("```"))
+            out[name] = "\n".join(lines[n + 2 : end])
+    return out
+
+
+@pytest.mark.parametrize("name", ["structured", "tools"])
+def test_readme_examples_run_as_written(name, tmp_path):
+    import os
+
+    import ondevice
+
+    code = readme_examples()[name]
+    env = dict(os.environ)  # the same ondevice as this test imported, from any folder
+    here = str(Path(ondevice.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip()

@@ -274,6 +274,13 @@ def test_bad_requests_are_4xx_with_a_message(server, client):
         r = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, (body, r.text)
         assert r.json()["error"]["message"], body
+    surrogate = b'{"model": "demo", "prompt": "a\\ud800b"}'  # a lone surrogate, as JSON allows
+    r = httpx.post(f"{server.url}/v1/completions", content=surrogate,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+    r = httpx.post(url, content=b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
     r = httpx.post(f"{server.url}/api/chat", json={"model": "demo", "messages": "x"})
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
     long = "the cat sat on the mat " * 400  # ~2400 tokens, the context holds 512

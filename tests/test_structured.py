@@ -84,16 +84,32 @@ PROMPT = "Fill in this record about a book, a person or a review, as JSON:\n"
 RUNS = 50
 
 
+@pytest.fixture(scope="module")
+def batched(demo_path):
+    """The demo model with 8 sequences: the seeded runs go through the batch scheduler (each
+    job with its own seed, sampler and grammar), 8 at a time."""
+    import ondevice
+
+    with ondevice.load(demo_path, n_ctx=512, threads=2, parallel=8) as m:
+        yield m
+
+
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_seeded_generations_always_parse_and_validate(demo_model, name):
+def test_seeded_generations_always_parse_and_validate(batched, name):
     """50 seeded replies at temperature 0.8 per schema: every one parses and validates."""
+    from ondevice.batch import Scheduler
+
     schema = SCHEMAS[name]
     validator = jsonschema.Draft202012Validator(schema)
+    prompt = batched.tokenize(PROMPT)
+    with Scheduler(batched, max_queue=RUNS) as sched:
+        jobs = [
+            sched.submit(prompt, json_schema=schema, max_tokens=160, temperature=0.8, seed=seed)
+            for seed in range(RUNS)
+        ]
+        results = [job.wait(600) for job in jobs]
     resampled = tokens = 0
-    for seed in range(RUNS):
-        r = demo_model.generate(
-            PROMPT, json_schema=schema, max_tokens=160, temperature=0.8, seed=seed
-        )
+    for seed, r in enumerate(results):
         assert r.finish_reason == "stop", (seed, r.text)
         value = r.json
         errors = list(validator.iter_errors(value))
@@ -101,6 +117,7 @@ def test_seeded_generations_always_parse_and_validate(demo_model, name):
         assert r.stats.constraint == "json_schema"
         resampled += r.stats.grammar_resamples
         tokens += r.stats.completion_tokens
+    assert len({r.text for r in results}) > 1  # the seeds gave different replies
     print(f"\n{name}: {RUNS} replies, {tokens} tokens, {resampled} resampled by the grammar")
 
 

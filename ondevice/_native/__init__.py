@@ -12,4 +12,5 @@ and the converter never pay for it.
   devices.py     ggml's device registry (backends compiled in, GPUs and their memory)
   quantizer.py   llama.cpp's file quantizer and its list of file types (for the worker process)
   ggml_quants.py ggml's row quantizer for the converter (libggml-base only, no llama.cpp)
+  probe_worker.py the child process of the first-load check (ondevice.probe)
 """

@@ -142,7 +142,10 @@ class Batch:
             self._b = None
 
     def __del__(self) -> None:
-        self.free()
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the binding is gone
+            pass
 
 
 class Engine:
@@ -311,9 +314,22 @@ class Engine:
             return ctypes.string_at(buf, n)
         return ctypes.string_at(self._piece, n)
 
+    def piece_copy(self, token: int, special: bool = False) -> bytes:
+        """`piece()` with a buffer of its own: safe beside a generation on another thread
+        (which uses the shared one)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._to_piece(self.vocab, token, buf, 256, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._to_piece(self.vocab, token, buf, -n, 0, special)
+        return ctypes.string_at(buf, n)
+
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Text of token ids (range-checked); safe beside a generation on another thread."""
         self.check_tokens(tokens)
-        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+        return b"".join(self.piece_copy(t, special) for t in tokens).decode(
+            "utf-8", errors="replace"
+        )
 
     def is_eog(self, token: int) -> bool:
         return bool(self._is_eog(self.vocab, token))

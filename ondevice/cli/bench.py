@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import click
 
@@ -48,6 +49,11 @@ def _extra_result(r: BenchRecord) -> str:
         return (
             f"{_tps(r)} tok/s, TTFT {r.ttft_s * 1000:.0f} ms ({r.n_prompt}-token prompt, "
             f"{r.completion_tokens:.0f} tokens)"
+        )
+    if r.test.startswith("speculative"):
+        return (
+            f"{_tps(r)} tok/s ({r.speculative}), {r.speedup or 0:.2f}x plain decoding, "
+            f"acceptance {r.acceptance or 0:.0%}, same text: {'yes' if r.same_text else 'no'}"
         )
     if r.series:
         temps = [s[2] for s in r.series if s[2] >= 0]
@@ -218,6 +224,13 @@ def plot(records: list[BenchRecord], path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+def _read_prompt(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"can't read the prompt file {path}: {exc}") from None
+
+
 _PROFILE_HELP = "; ".join(
     f"{p.name}: {p.about}, {p.kv_type} KV" for p in bench_lib.PROFILES.values()
 )
@@ -275,6 +288,20 @@ _PROFILE_HELP = "; ".join(
     help="Print the runs saved in this file side by side (after this run, if MODEL is given).",
 )
 @click.option("--label", default="", help="Name for this run in --compare columns.")
+@click.option(
+    "--speculative-prompt",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Also test speculative decoding on this prompt (a text file): its reply with and "
+    "without, greedy, -n tokens.",
+)
+@click.option(
+    "--speculative",
+    type=click.Choice(["auto", "lookup"]),
+    default="auto",
+    show_default=True,
+    help="The mode the speculative test measures.",
+)
 @click.option("--seed", type=int, default=42, help="Random token ids and sampling seed.")
 def bench(
     model: str | None,
@@ -301,6 +328,8 @@ def bench(
     compare: str | None = None,
     label: str = "",
     seed: int = 42,
+    speculative_prompt: str | None = None,
+    speculative: str = "auto",
 ) -> None:
     """Benchmark MODEL (a .gguf path, `demo` or a store name).
 
@@ -357,6 +386,8 @@ def bench(
         profile=bench_lib.parse_profile(profile) if profile else None,
         seed=seed,
         label=label,
+        spec_prompt=_read_prompt(speculative_prompt) if speculative_prompt else None,
+        speculative=speculative,
     )
     if plot_path and not plot_path.lower().endswith(".png"):
         raise UsageError(f"--plot writes a PNG; name it *.png, not {plot_path}")

@@ -23,6 +23,7 @@ LOAD_OPTIONS = (
     "no_fallback",
     "force",
     "no_tune",
+    "speculative",
 )
 
 
@@ -86,6 +87,13 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
             is_flag=True,
             help="Load even if `ondevice fit` predicts the model won't fit the free memory.",
         ),
+        _option(
+            LOAD["speculative"],
+            type=click.Choice(LOAD["speculative"].choices),
+            default="auto",
+            show_default=True,
+            help=LOAD["speculative"].help,
+        ),
         click.option(
             "--no-tune",
             is_flag=True,
@@ -123,6 +131,7 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "no_fallback": params.get("no_fallback", False),
         "force": bool(params.get("force", False)),
         "tune": not params.get("no_tune", False),
+        "speculative": params.get("speculative", "auto"),
     }
 
 

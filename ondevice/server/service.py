@@ -20,8 +20,8 @@ from typing import Any
 import anyio.to_thread
 from starlette.requests import Request
 
-from ondevice import chat_formats, conversation
-from ondevice.batch import AsyncJob, Scheduler, Vocab
+from ondevice import chat_formats, chat_tokens, conversation
+from ondevice.batch import AsyncJob, Scheduler
 from ondevice.chat_formats import ChatFormat
 from ondevice.errors import ModelNotFound, OndeviceError, UsageError
 from ondevice.results import Chunk, Result
@@ -55,15 +55,14 @@ class GenerationRequest:
     notes: list[str] = field(default_factory=list)
 
 
-def chat_prompt(vocab: Vocab, fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-    """The prompt tokens for a chat: the model's template rendered, then tokenized.
-
-    The one place the server turns messages into tokens (so it follows ondevice.conversation
-    when chat rendering changes: there, message text will be tokenized without special-token
-    parsing, so a user can't write role tokens)."""
-    text = fmt.render(messages, add_generation_prompt=True)
-    conversation.check_text(text)
-    return conversation.tokenize_prompt(vocab, text)
+def chat_prompt(model: Any, fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The prompt tokens for a chat: the model's template rendered, then tokenized the way
+    ondevice.conversation does it (the caller's text without special-token parsing, so a user
+    can't write role tokens). The one place the server turns messages into tokens."""
+    prompt = conversation.render_prompt(model, fmt, messages)
+    return chat_tokens.tokenize_pieces(
+        model, prompt.pieces, protected=chat_tokens.protected_ids(model)
+    )
 
 
 class Service:
@@ -161,16 +160,16 @@ class Service:
                     "this model has no chat format, so it can only do completions",
                     hint="start the server with --chat-format, or use /v1/completions",
                 )
-            tokens = chat_prompt(sched.vocab, self.fmt, req.messages)
+            tokens = chat_prompt(sched.model, self.fmt, req.messages)
             stops = list(dict.fromkeys([*self.fmt.stop, *stops]))
         elif isinstance(req.prompt, str):
-            conversation.check_text(req.prompt)
             # A raw prompt is the client's whole text, control tokens included (as in
-            # llama-server and Ollama's raw mode): there is no role boundary to protect.
-            tokens = sched.vocab.tokenize(req.prompt, add_special=True, parse_special=True)
+            # llama-server and Ollama's raw mode): there is no role boundary to protect. Text
+            # that isn't valid Unicode (lone surrogates from a JSON escape) is a UsageError.
+            tokens = sched.model.tokenize(req.prompt, add_special=True, parse_special=True)
         else:
             tokens = list(req.prompt or ())
-        max_tokens, notes = self._max_tokens(req.max_tokens, len(tokens), sched.vocab.n_ctx)
+        max_tokens, notes = self._max_tokens(req.max_tokens, len(tokens), sched.eng.n_ctx)
         ajob = sched.submit_async(
             tokens,
             loop=loop,
