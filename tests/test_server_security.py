@@ -185,6 +185,16 @@ def test_cors_is_off_unless_an_origin_is_configured():
         assert other.headers.get("access-control-allow-origin") != "http://evil.example"
 
 
+def test_requests_while_the_model_loads_get_503_with_retry_after():
+    with _asgi(ServerConfig()) as c:
+        body = {"messages": [{"role": "user", "content": "Hi"}]}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        assert r.json()["error"]["code"] == "model_loading"
+        r = c.get("/api/tags")
+        assert r.status_code == 503 and "loading" in r.json()["error"]
+
+
 def test_a_wildcard_origin_never_comes_with_credentials(server):
     r = httpx.options(f"{server.url}/v1/chat/completions", headers={
         "Origin": "http://any.example", "Access-Control-Request-Method": "POST",
