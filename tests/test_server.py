@@ -90,7 +90,11 @@ def test_stop_string_ends_the_reply_before_it(client):
 
 
 def test_temperature_0_and_a_seed_repeat_the_reply(client):
-    assert chat(client).choices[0].message.content == chat(client).choices[0].message.content
+    first, again = chat(client), chat(client)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    # The second request found its prefix in a slot: only its last prompt token was evaluated.
+    extra = again.model_extra["ondevice"]
+    assert extra["prompt_eval_tokens"] == 1 < extra["prompt_tokens"]
     a = chat(client, temperature=1.0, seed=1234, max_tokens=16).choices[0].message.content
     b = chat(client, temperature=1.0, seed=1234, max_tokens=16).choices[0].message.content
     assert a == b
