@@ -19,8 +19,6 @@ import openai
 import pytest
 from server_fixtures import ServerProcess
 
-from ondevice import chat_formats, conversation
-
 CTX = 512
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = [
@@ -166,14 +164,25 @@ def test_ollama_chat_generate_and_tags(server):
 
 
 # --- concurrency ----------------------------------------------------------------------------
-def _reply(client, prompt: str) -> str:
-    r = chat(client, [{"role": "user", "content": prompt}], max_tokens=24)
-    return r.choices[0].message.content
+NEAR_TIE = 0.3  # logits; the divergences seen here were 0.02-0.15 apart
+
+
+def _reply(client, prompt: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) of a greedy reply (llama-server's `return_tokens` extension)."""
+    r = chat(client, [{"role": "user", "content": prompt}], max_tokens=24,
+             extra_body={"return_tokens": True})  # fmt: skip
+    extra = r.model_extra["ondevice"]
+    assert len(extra["token_ids"]) == r.usage.completion_tokens
+    return extra["prompt_token_ids"], extra["token_ids"]
 
 
 def test_eight_concurrent_clients_get_the_replies_they_get_alone(server, demo_model):
-    alone = [_reply(openai.OpenAI(base_url=f"{server.url}/v1", api_key="x"), p) for p in PROMPTS]
-    together: list[str | None] = [None] * len(PROMPTS)
+    """The same greedy replies batched as one at a time, but where llama.cpp's batched kernels
+    round differently at a near-tie: every divergence is checked to be one (the two tokens'
+    logits within NEAR_TIE where the replies part), and counted."""
+    solo = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    alone = [_reply(solo, p) for p in PROMPTS]
+    together: list[tuple[list[int], list[int]] | None] = [None] * len(PROMPTS)
     barrier = threading.Barrier(len(PROMPTS))
 
     def run(i: int) -> None:
@@ -186,24 +195,19 @@ def test_eight_concurrent_clients_get_the_replies_they_get_alone(server, demo_mo
         t.start()
     for t in threads:
         t.join(300)
-    diverged = [i for i in range(len(PROMPTS)) if together[i] != alone[i]]
-    for i in diverged:  # llama.cpp's batched kernels may round differently at a near-tie
-        gap = _top2_gap(demo_model, PROMPTS[i], alone[i], together[i])
-        assert gap < 0.5, f"prompt {i} diverged where the top two logits differ by {gap}"
-    print(f"{len(diverged)} of {len(PROMPTS)} replies diverged (near-ties)")
-    assert len(diverged) <= 2, (alone, together)
-
-
-def _top2_gap(model, prompt: str, a: str, b: str | None) -> float:
-    """The gap between the two best logits where the replies part (re-tokenized)."""
-    assert b is not None
-    n = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
-    fmt = chat_formats.for_model(model)
-    text = fmt.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    tokens = conversation.tokenize_prompt(model, text + a[:n])
-    logits = model.score(tokens)[-1]
-    top = sorted(logits.tolist())[-2:]
-    return top[1] - top[0]
+    assert all(t is not None for t in together)
+    diverged = 0
+    for (prompt, a), got in zip(alone, together, strict=True):
+        assert got is not None and got[0] == prompt  # the same prompt tokens
+        b = got[1]
+        if a == b:
+            continue
+        diverged += 1
+        k = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+        logits = demo_model.score(prompt + a[:k])[-1]
+        gap = abs(float(logits[a[k]]) - float(logits[b[k]]))
+        assert gap < NEAR_TIE, f"diverged at token {k} where the logits are {gap:.3f} apart"
+    print(f"{diverged} of {len(PROMPTS)} replies diverged, each at a near-tie")
 
 
 _STREAMER = textwrap.dedent(

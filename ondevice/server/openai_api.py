@@ -113,7 +113,7 @@ def _generation(body: _Sampling, max_tokens: int | None) -> GenerationRequest:
         raise Unsupported("n must be 1 (one reply per request)", hint="send n requests instead")
     if body.logprobs not in (None, False, 0):
         raise Unsupported("logprobs are not supported yet")
-    req = GenerationRequest(max_tokens=max_tokens)
+    req = GenerationRequest(max_tokens=max_tokens, return_tokens=body.return_tokens)
     for name in ("frequency_penalty", "presence_penalty", "logit_bias"):
         if getattr(body, name):
             req.notes.append(f"{name} is not supported and was ignored")

@@ -76,6 +76,8 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     user: str | None = None
+    # llama-server's extension: the token ids (prompt and reply) in the `ondevice` field.
+    return_tokens: bool = False
 
 
 class ChatCompletionRequest(_Sampling):

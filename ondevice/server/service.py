@@ -53,6 +53,7 @@ class GenerationRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     constraint: dict[str, Any] = field(default_factory=dict)  # response_format= / json_schema=
     notes: list[str] = field(default_factory=list)
+    return_tokens: bool = False  # the ids in the `ondevice` field (for debugging clients)
 
 
 def chat_prompt(model: Any, fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -179,7 +180,10 @@ class Service:
             **req.constraint,
             **req.sampling,
         )
-        return Generation(ajob, len(tokens), max_tokens, [*req.notes, *notes], t0)
+        gen = Generation(ajob, len(tokens), max_tokens, [*req.notes, *notes], t0)
+        if req.return_tokens:
+            gen.prompt_ids = tokens
+        return gen
 
     def _max_tokens(self, asked: int | None, n_prompt: int, n_ctx: int) -> tuple[int, list[str]]:
         """The request's max_tokens, clamped to the room the context leaves after the prompt
@@ -206,6 +210,8 @@ class Generation:
     t0: float
     strip_leading: bool = False  # chat replies: drop the whitespace a reply starts with
     stats: Stats | None = None
+    prompt_ids: list[int] | None = None  # kept when the request asked for return_tokens
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def slot(self) -> int | None:
@@ -234,6 +240,8 @@ class Generation:
         st.total_s += prep
         st.notes[:0] = self.notes
         self.stats = st
+        if job is not None and job.result is not None:
+            self.token_ids = list(job.result.tokens)  # the end-of-turn token included
 
     async def opened(self, request: Request) -> AsyncIterator[Chunk]:
         """The stream, once its first chunk is there: an error before the first token (a bad
@@ -308,7 +316,7 @@ async def _until_disconnect(request: Request, work: Any) -> None:
 def numbers(gen: Generation) -> dict[str, Any]:
     """ondevice's own numbers for a reply, in the `ondevice` field of every dialect."""
     st = gen.stats or Stats()
-    return {
+    out = {
         "prompt_tokens": st.prompt_tokens,
         "prompt_eval_tokens": st.prompt_eval_tokens,
         "completion_tokens": st.completion_tokens,
@@ -322,3 +330,6 @@ def numbers(gen: Generation) -> dict[str, Any]:
         "slot": gen.slot,
         "notes": list(st.notes),
     }
+    if gen.prompt_ids is not None:
+        out.update(prompt_token_ids=gen.prompt_ids, token_ids=gen.token_ids)
+    return out
