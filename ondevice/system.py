@@ -196,6 +196,7 @@ def cpu_features() -> list[str]:
         "i8mm",
         "fphp",
         "asimdhp",
+        "sme",
     )
     try:
         with open("/proc/cpuinfo") as fh:
@@ -226,6 +227,10 @@ class SystemInfo:
     llama_cpp_system_info: str
     backends: list[str]
     devices: list[dict[str, Any]]
+    # Whether a load with default settings repacks weights into llama.cpp's interleaved layouts
+    # (on, except on AMX builds), and which CPU family's layouts (ondevice.fit.REPACK_TYPES).
+    repack: bool = False
+    repack_family: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,7 +238,7 @@ class SystemInfo:
 
 def system_info() -> SystemInfo:
     """Everything `ondevice system` prints; loads llama.cpp's library but no model."""
-    from ondevice import backends
+    from ondevice import backends, fit
 
     topo = cpu_topology()
     mem = psutil.virtual_memory()
@@ -255,4 +260,6 @@ def system_info() -> SystemInfo:
         llama_cpp_system_info=build["system_info"],
         backends=build["backends"],
         devices=[d.to_dict() for d in backends.devices()],
+        repack=fit.repack_default(),
+        repack_family=fit.cpu_repack_family(),
     )
