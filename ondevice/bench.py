@@ -710,7 +710,10 @@ def apply_profile(header: GGUFHeader, opts: BenchOptions) -> tuple[BenchOptions,
     kv = prof.kv_type
     if fit.kv_type_problem(header, kv):
         kv = "f16"
-    return replace(opts, threads=[n], n_ctx=prof.n_ctx, kv_type=kv), cores[:n]
+    # A profile with fewer threads than performance cores takes the fastest of them (a
+    # Snapdragon 8 Gen 3's X4 and its 3.15 GHz A720s before the 2.96 GHz pair).
+    pin = topo.fastest(n) if topo.performance else cores[:n]
+    return replace(opts, threads=[n], n_ctx=prof.n_ctx, kv_type=kv), pin
 
 
 def run_bench(
