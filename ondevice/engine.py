@@ -85,8 +85,14 @@ def amx_compiled() -> bool:
     load with repacking off unless the caller insists (ONDEVICE_ALLOW_AMX=1).
     """
     init_backend()
-    info = L.llama_print_system_info().decode(errors="replace")
-    return "AMX_INT8 = 1" in info
+    return has_amx_kernels(L.llama_print_system_info().decode(errors="replace"))
+
+
+def has_amx_kernels(system_info: str) -> bool:
+    """The AMX rule on llama.cpp's system-info line: only an x86 build compiled with AMX says
+    `AMX_INT8 = 1`. ARM builds (NEON, dotprod, i8mm, SVE) never do, so they keep repacking,
+    which is where their Q4_0/Q4_K speed comes from."""
+    return "AMX_INT8 = 1" in system_info
 
 
 def recent_native_log(n: int = 20) -> list[str]:
