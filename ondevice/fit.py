@@ -75,12 +75,22 @@ KV_TYPE_SIZES = {
 }
 
 # Weight types llama.cpp's CPU backend repacks, by CPU family (ggml-cpu/repack.cpp,
-# ggml_repack_get_optimal_repack_type), with the row multiple the repacked layout needs.
-REPACK_TYPES = {
-    "x86_avx2": ({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}, 8),
-    "x86_avx512": ({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}, 8),
-    "arm_dotprod": ({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}, 4),
-    "none": (set(), 1),
+# ggml_repack_get_optimal_repack_type), each with the row multiple its interleaved layout needs
+# (ARM: 4 rows for Q4_0/Q8_0/IQ4_NL/MXFP4, 8 for the K-quants; the same with dotprod or i8mm).
+_X86_AVX2 = {"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8}
+REPACK_TYPES: dict[str, dict[str, int]] = {
+    "x86_avx2": _X86_AVX2,
+    "x86_avx512": {**_X86_AVX2, "Q2_K": 8},
+    "arm_dotprod": {
+        "Q4_0": 4,
+        "Q4_K": 8,
+        "Q5_K": 8,
+        "Q6_K": 8,
+        "IQ4_NL": 4,
+        "MXFP4": 4,
+        "Q8_0": 4,
+    },
+    "none": {},
 }
 
 # Effective bits per weight of llama.cpp's quantization presets (whole file over parameters,
@@ -332,12 +342,12 @@ def repackable_bytes(header: GGUFHeader, family: str | None = None) -> int:
     """Bytes of the weight matrices llama.cpp would repack on this CPU family: 2-D matrices
     that feed a matrix multiply (not the token embeddings, which are row lookups) of a type the
     family has kernels for, with a row count the interleaved layout divides."""
-    types, rows = REPACK_TYPES[family or cpu_repack_family()]
+    rows = REPACK_TYPES[family or cpu_repack_family()]
     total = 0
     for t in header.tensors:
         if t.name.startswith("token_embd") or len(t.shape) != 2:
             continue
-        if t.type_name in types and t.shape[1] % rows == 0:
+        if t.type_name in rows and t.shape[1] % rows[t.type_name] == 0:
             total += t.n_bytes
     return total
 
