@@ -179,6 +179,8 @@ class BenchRecord:
     host: str = ""
     timestamp: str = ""
     build: str = ""
+    # CPU model, architecture and CPU count (`machine()`): what a phone's saved run ran on.
+    machine: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -398,6 +400,7 @@ class _Runner:
         from ondevice.backends import build_info
 
         self.build = f"llama-cpp-python {build_info()['version']}"
+        self.machine = machine()
 
     # A fresh model per test, as llama-bench makes a fresh context per test.
     def load(self, n_ctx: int, threads: int) -> tuple[Any, dict[str, int]]:
@@ -466,6 +469,7 @@ class _Runner:
             host=socket.gethostname(),
             timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
             build=self.build,
+            machine=self.machine,
         )
         samples = kw.pop("samples", None)
         if samples is not None:
