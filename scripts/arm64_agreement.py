@@ -239,8 +239,16 @@ def table(reports: list[Path]) -> str:
         "FA off vs on) | ratio | ARM repack on vs off, mean KL | top-1 | top-5 | greedy |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    notes = []
     for path in reports:
         data = json.loads(path.read_text())
+        q = data.get("quants", {}).get("quantizer")
+        if q is not None:
+            same = q["q4_0_byte_identical_to_x86"]
+            notes.append(
+                f"Q4_0 quantized on aarch64 ({data['level']}) from the same F16 file: "
+                + ("byte-identical to x86's" if same else "differs from x86's bytes")
+            )
         for quant in QUANTS:
             r = data.get("quants", {}).get(quant)
             if r is None:
@@ -258,7 +266,7 @@ def table(reports: list[Path]) -> str:
                 f"{'—' if repack_kl is None else format(repack_kl, '.2e')} | {r['top1']:.3f} | "
                 f"{r['top5_overlap']:.3f} | {greedy} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + notes)
 
 
 def main(argv: list[str] | None = None) -> int:

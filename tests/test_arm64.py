@@ -201,6 +201,7 @@ def test_quantizer_on_arm_matches_x86(tmp_path):
     x86_file = agree.model_path("Q4_0", MODELS)
     same_bytes = mine.read_bytes() == x86_file.read_bytes()
     print(f"\nARM-quantized Q4_0 byte-identical to x86's: {same_bytes}")
+    report("quantizer", {"q4_0_byte_identical_to_x86": same_bytes})
     ref, meta = agree.load_reference(Path(REFERENCE), "Q4_0")
     if not same_bytes:
         # Rounding may differ in the last bit of a scale (fused multiply-add on ARM); the file
