@@ -29,8 +29,10 @@
 #   agreement table.
 #
 # Caches are keyed by the binding's version, the compiler and the CMake flags (llama.cpp), the
-# package list (root) and the requirements (venv). One-time cost on 2 cores: ~15 min (the
-# cross builds are most of it); a cached --test run: a few minutes, all of it emulation.
+# package list (root) and the requirements (venv). One-time cost on 2 cores: 3 min of downloads
+# and the cross builds, 4 min with the cores to itself, 20 min beside other test suites; a
+# cached --test run is all emulation, 22 min beside other suites (benchmarks/RESULTS.md,
+# "aarch64 under qemu", has the step times). ONDEVICE_ARM64_NICE (default 19) is its nice level.
 #
 # Exit status: 0 ready (with --test: every check passed); 3 this machine cannot build it (no
 # apt/root/network); anything else is a real failure. With --test, "cannot build here" prints
