@@ -34,7 +34,7 @@ if [ -n "$missing" ]; then
   # Same flags as the binding's own build (GGML_NATIVE on by default), no curl, no tests; the
   # examples and the server only when one of them is asked for.
   cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF >/dev/null
   # shellcheck disable=SC2086
   cmake --build "$SRC/build" -j"$(nproc)" --target $missing >/dev/null
 fi

@@ -425,6 +425,10 @@ class SystemInfo:
     llama_cpp_system_info: str
     backends: list[str]
     devices: list[dict[str, Any]]
+    # Whether a load with default settings repacks weights into llama.cpp's interleaved layouts
+    # (on, except on AMX builds), and which CPU family's layouts (ondevice.policy.REPACK_TYPES).
+    repack: bool = False
+    repack_family: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -452,4 +456,6 @@ def system_info() -> SystemInfo:
         llama_cpp_system_info=build["system_info"],
         backends=build["backends"],
         devices=[d.to_dict() for d in devices()],
+        repack=policy.repack_allowed(binding.amx_compiled())[0],
+        repack_family=policy.repack_family(system.cpu_features()),
     )

@@ -187,6 +187,8 @@ class BenchRecord:
     host: str = ""
     timestamp: str = ""
     build: str = ""
+    # CPU model, architecture and CPU count (`machine()`): what a phone's saved run ran on.
+    machine: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -367,6 +369,7 @@ class _Runner:
         self.n_params = self.header.n_params
         self.run_id = time.strftime("%Y%m%dT%H%M%S")
         self.build = f"llama-cpp-python {binding.version()}"
+        self.machine = machine()
 
     # A fresh model per test, as llama-bench makes a fresh context per test.
     def load(self, n_ctx: int, threads: int) -> tuple[Any, dict[str, int]]:
@@ -437,6 +440,7 @@ class _Runner:
             host=socket.gethostname(),
             timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
             build=self.build,
+            machine=self.machine,
         )
         samples = kw.pop("samples", None)
         if samples is not None:
@@ -710,7 +714,10 @@ def apply_profile(header: GGUFHeader, opts: BenchOptions) -> tuple[BenchOptions,
     kv = prof.kv_type
     if fit.kv_type_problem(header, kv):
         kv = "f16"
-    return replace(opts, threads=[n], n_ctx=prof.n_ctx, kv_type=kv), cores[:n]
+    # A profile with fewer threads than performance cores takes the fastest of them (a
+    # Snapdragon 8 Gen 3's X4 and its 3.15 GHz A720s before the 2.96 GHz pair).
+    pin = topo.fastest(n) if topo.performance else cores[:n]
+    return replace(opts, threads=[n], n_ctx=prof.n_ctx, kv_type=kv), pin
 
 
 def run_bench(

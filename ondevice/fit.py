@@ -251,15 +251,19 @@ def overhead_bytes(header: GGUFHeader) -> int:
 
 def repackable_bytes(header: GGUFHeader, family: str) -> int:
     """Bytes of the weight matrices llama.cpp would repack on this CPU family
-    (`ondevice.policy.repack_family`): 2-D matrices that feed a matrix multiply (not the token
-    embeddings, which are row lookups) of a type the family has kernels for, with a row count
-    the interleaved layout divides."""
-    types, rows = policy.REPACK_TYPES[family]
+    (`ondevice.policy.repack_family`): 2-D matrices that feed a matrix multiply of a type the
+    family has kernels for, with a row count the interleaved layout divides. The token
+    embeddings are row lookups and stay as they are, but a model without output.weight (tied
+    embeddings: SmolLM2, Llama-3.2-1B) multiplies by them in its output layer, and llama.cpp
+    repacks that use's copy: on ARM a Q8_0 token_embd becomes a repacked copy as large as
+    itself (measured under qemu, issue 19)."""
+    rows = policy.REPACK_TYPES[family]
+    tied = not any(t.name == "output.weight" for t in header.tensors)
     total = 0
     for t in header.tensors:
-        if t.name.startswith("token_embd") or len(t.shape) != 2:
+        if len(t.shape) != 2 or (t.name.startswith("token_embd") and not tied):
             continue
-        if t.type_name in types and t.shape[1] % rows == 0:
+        if t.type_name in rows and t.shape[1] % rows[t.type_name] == 0:
             total += t.n_bytes
     return total
 

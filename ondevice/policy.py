@@ -33,19 +33,24 @@ AMX_NOTE = (
 )
 
 # Weight types llama.cpp's CPU backend repacks, by CPU family (ggml-cpu/repack.cpp,
-# ggml_repack_get_optimal_repack_type), with the row multiple the repacked layout needs.
-REPACK_TYPES: dict[str, tuple[frozenset[str], int]] = {
-    "x86_avx2": (frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}), 8),
-    "x86_avx512": (frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}), 8),
-    "arm_dotprod": (frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}), 4),
-    "none": (frozenset(), 1),
-}
+# ggml_repack_get_optimal_repack_type), each with the row multiple its interleaved layout needs
+# (ARM: 4 rows for Q4_0/Q8_0/IQ4_NL/MXFP4, 8 for the K-quants; the same with dotprod or i8mm).
+_X86_AVX2 = {"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8}
+REPACK_TYPES: dict[str, dict[str, int]] = {
+    "x86_avx2": _X86_AVX2,
+    "x86_avx512": {**_X86_AVX2, "Q2_K": 8},
+    "arm_dotprod": {
+        "Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4, "Q8_0": 4,
+    },
+    "none": {},
+}  # fmt: skip
 
 
-UNALIGNED_NOTE = (
-    "read without mmap: the file's general.alignment leaves tensors at addresses ggml can't "
-    "use mapped"
-)
+def has_amx_kernels(system_info: str) -> bool:
+    """The AMX rule on llama.cpp's system-info line: only an x86 build compiled with AMX says
+    `AMX_INT8 = 1`. ARM builds (NEON, dotprod, i8mm, SVE) never do, so they keep repacking,
+    which is where their Q4_0/Q4_K speed comes from."""
+    return "AMX_INT8 = 1" in system_info
 
 
 def amx_build_likely(cpu_features: Iterable[str]) -> bool:

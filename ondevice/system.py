@@ -38,10 +38,17 @@ class CpuTopology:
     # "cpu_capacity" or "cpufreq" (per-core sysfs values), "intel-hybrid" (cpu_core/cpu_atom
     # PMU lists), or "psutil" when nothing tells the cores apart.
     source: str = "psutil"
+    # Each core's cpu_capacity or maximum frequency, where sysfs gives one.
+    scores: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_performance(self) -> int:
         return len(self.performance) if self.performance else self.physical
+
+    def fastest(self, n: int) -> list[int]:
+        """The n fastest performance cores (prime before big on a phone), in CPU id order."""
+        ranked = sorted(self.performance, key=lambda c: (-self.scores.get(c, 0), c))
+        return sorted(ranked[:n])
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -108,13 +115,14 @@ def cpu_topology(
 
     split = _intel_hybrid(root, cores) or _by_score(base, cores)
     if split is not None:
-        perf, eff, source = split
+        perf, eff, source, scores = split
         return CpuTopology(
             logical=len(cpus),
             physical=len(cores),
             performance=perf,
             efficiency=eff,
             source=source,
+            scores=scores,
         )
     if allowed is not None and len(allowed) < logical:
         physical = max(1, min(physical, len(allowed)))
@@ -122,7 +130,10 @@ def cpu_topology(
     return CpuTopology(logical=logical, physical=physical, source="psutil")
 
 
-def _intel_hybrid(root: Path, cores: list[int]) -> tuple[list[int], list[int], str] | None:
+_Split = tuple[list[int], list[int], str, dict[int, int]]
+
+
+def _intel_hybrid(root: Path, cores: list[int]) -> _Split | None:
     try:
         p_cpus = set(parse_cpu_list((root / "devices" / "cpu_core" / "cpus").read_text()))
         e_cpus = set(parse_cpu_list((root / "devices" / "cpu_atom" / "cpus").read_text()))
@@ -132,10 +143,10 @@ def _intel_hybrid(root: Path, cores: list[int]) -> tuple[list[int], list[int], s
     eff = [c for c in cores if c in e_cpus]
     if not perf:
         return None
-    return perf, eff, "intel-hybrid"
+    return perf, eff, "intel-hybrid", {}
 
 
-def _by_score(base: Path, cores: list[int]) -> tuple[list[int], list[int], str] | None:
+def _by_score(base: Path, cores: list[int]) -> _Split | None:
     for name, source in (("cpu_capacity", "cpu_capacity"), ("cpufreq/cpuinfo_max_freq", "cpufreq")):
         scores = {c: _read_int(base / f"cpu{c}" / name) for c in cores}
         known = {c: v for c, v in scores.items() if v}
@@ -144,7 +155,7 @@ def _by_score(base: Path, cores: list[int]) -> tuple[list[int], list[int], str] 
         top = max(known.values())
         perf = [c for c in cores if known[c] >= PERFORMANCE_FREQ_RATIO * top]
         eff = [c for c in cores if c not in perf]
-        return perf, eff, source
+        return perf, eff, source, known
     return None
 
 
@@ -195,6 +206,7 @@ def cpu_features() -> list[str]:
         "i8mm",
         "fphp",
         "asimdhp",
+        "sme",
     )
     try:
         with open("/proc/cpuinfo") as fh:

@@ -85,7 +85,7 @@ def system_info() -> str:
 def amx_compiled() -> bool:
     """Whether the installed llama.cpp was built with its AMX kernels (-march=native on an Intel
     Xeon with AMX). Loads llama.cpp; `amx_compiled_without_loading` answers from the files."""
-    return "AMX_INT8 = 1" in system_info()
+    return "AMX_INT8 = 1" in system_info()  # the rule itself: ondevice.policy.has_amx_kernels
 
 
 @functools.cache

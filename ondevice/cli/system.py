@@ -45,6 +45,9 @@ def system(as_json: bool) -> None:
         f"llama.cpp: llama-cpp-python {info.llama_cpp_python}; backends: {', '.join(info.backends)}"
     )
     click.echo(f"Build:     {info.llama_cpp_system_info}")
+    click.echo(
+        f"Repack:    {'on' if info.repack else 'off'} (weight layouts for {info.repack_family})"
+    )
     click.echo("Devices:")
     for d in info.devices:
         mem = (
