@@ -608,6 +608,30 @@ def _adjust(m: dict[str, Any], caps: Capabilities) -> dict[str, Any]:
     return m
 
 
+def calls_as_text(fmt: ChatFormat, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` for a template that can't render tool calls (it ignores them or fails): each
+    assistant message's calls written into its content the way Hermes-style models write
+    them (what ondevice.tools reads back for such a template), so the model still sees what it
+    called — llama-server's polyfill. Other templates get `messages` as they are."""
+    if not any(m.get("tool_calls") for m in messages):
+        return messages
+    caps = capabilities(fmt)
+    if caps.object_arguments or caps.string_arguments:
+        return messages
+    return [_calls_as_text(m, m["tool_calls"]) if m.get("tool_calls") else m for m in messages]
+
+
+def _calls_as_text(m: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    texts = [m["content"]] if isinstance(m.get("content"), str) and m["content"] else []
+    for call in calls:
+        fn = _adjust_call(call, True)["function"]
+        body = {"name": fn.get("name"), "arguments": fn.get("arguments", {})}
+        texts.append(f"<tool_call>\n{json.dumps(body, ensure_ascii=False)}\n</tool_call>")
+    out = {k: v for k, v in m.items() if k != "tool_calls"}
+    out["content"] = "\n".join(texts)
+    return out
+
+
 def _adjust_call(call: dict[str, Any], objects: bool) -> dict[str, Any]:
     fn = call["function"]
     args = fn.get("arguments")

@@ -129,13 +129,9 @@ def test_completions_match_the_library(client, demo_model):
     assert "".join(e.choices[0].text for e in stream) == prompt + expected.text
 
 
-def test_models_list_and_tools_refused_for_now(client):
+def test_models_list(client):
     assert [m.id for m in client.models.list()] == ["demo"]
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError, match="tools are not supported yet"):
-        chat(client, tools=tools)
-    with pytest.raises(openai.BadRequestError, match="tools are not supported yet"):
-        chat(client, messages=[*QUESTION, {"role": "tool", "content": "42", "tool_call_id": "1"}])
+    assert client.models.retrieve("demo").id == "demo"
 
 
 # --- Ollama ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,13 +26,13 @@ from ondevice.server.schemas import (
     _OllamaBody,
 )
 from ondevice.server.service import (
-    TOOLS_UNSUPPORTED,
     Generation,
     GenerationRequest,
     Service,
     Unsupported,
     numbers,
 )
+from ondevice.tools import ToolCall
 
 router = APIRouter()
 NS = 1_000_000_000
@@ -51,12 +51,11 @@ def _now() -> str:
 async def chat(body: OllamaChatRequest, request: Request) -> Any:
     svc = service(request)
     svc.check_model(body.model)
-    if body.tools:
-        raise Unsupported(TOOLS_UNSUPPORTED, hint="send the request without tools")
     if not body.messages:  # Ollama's way to load a model: nothing to generate
         return _loaded(svc, {"message": {"role": "assistant", "content": ""}})
     req = _generation(body)
     req.messages = [_message(i, m) for i, m in enumerate(body.messages)]
+    req.tools = body.tools  # Ollama has no tool_choice: the model decides (auto)
     gen = await svc.start_generation(req)
     gen.strip_leading = True
     return await _reply(svc, gen, request, body.stream, chat=True)
@@ -102,7 +101,7 @@ async def show(body: OllamaShowRequest, request: Request) -> dict[str, Any]:
         "template": svc.model.chat_template or "",
         "details": _details(svc),
         "model_info": json.loads(json.dumps(info, default=str)),
-        "capabilities": ["completion"],
+        "capabilities": _capabilities(svc),
         "modified_at": _mtime(svc),
     }
 
@@ -146,37 +145,57 @@ def _generation(body: _OllamaBody) -> GenerationRequest:
 
 
 def _message(i: int, m: OllamaMessage) -> dict[str, Any]:
-    if m.role == "tool" or m.tool_calls:
-        raise Unsupported(f"message {i} is a tool call or result: {TOOLS_UNSUPPORTED}")
+    """An Ollama message as the chat template takes it: tool calls (arguments as objects,
+    no ids) and tool results (`tool_name`) as they came; checked when the prompt is
+    rendered."""
     if m.images:
         raise Unsupported(f"message {i} has images: only text is supported")
-    return {"role": m.role, "content": m.content}
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", **c} for c in m.tool_calls]
+    if m.tool_name:
+        out["name"] = m.tool_name
+    return out
 
 
 # --- replies ---------------------------------------------------------------------------------
 async def _reply(svc: Service, gen: Generation, request: Request, stream: bool, chat: bool):
-    def piece(text: str) -> dict[str, Any]:
-        if chat:
-            return {"message": {"role": "assistant", "content": text}}
-        return {"response": text}
+    def piece(text: str, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+        if not chat:
+            return {"response": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [_call(c) for c in calls]
+        return {"message": message}
 
     if not stream:
         result = await gen.result(request)
-        return JSONResponse(_final(svc, gen, piece(result.text), result.finish_reason))
+        text, calls = gen.tools.read(result.text, result.tokens)
+        return JSONResponse(_final(svc, gen, piece(text, calls), result.finish_reason))
     chunks = await gen.opened(request)
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                if chunk.text:
-                    body = {"model": svc.name, "created_at": _now(), **piece(chunk.text)}
+                text = gen.tools.show(chunk.text, list(chunk.tokens))
+                if text:
+                    body = {"model": svc.name, "created_at": _now(), **piece(text)}
                     yield _line({**body, "done": False})
                 if chunk.finish_reason is not None:
+                    rest, calls = gen.tools.finish()
+                    if rest or calls:  # Ollama sends the calls in a chunk of their own
+                        body = {"model": svc.name, "created_at": _now(), **piece(rest, calls)}
+                        yield _line({**body, "done": False})
                     yield _line(_final(svc, gen, piece(""), chunk.finish_reason))
         except Exception as exc:  # noqa: BLE001 - the status line is sent; tell the client
             yield _line({"error": getattr(exc, "message", None) or str(exc)})
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _call(call: ToolCall) -> dict[str, Any]:
+    """Ollama's shape of a call: the function's name and its arguments as an object."""
+    return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -197,6 +216,14 @@ def _final(svc: Service, gen: Generation, body: dict[str, Any], finish: str) -> 
         )  # fmt: skip
     out["ondevice"] = numbers(gen)
     return out
+
+
+def _capabilities(svc: Service) -> list[str]:
+    """What Ollama clients check before they send tools: "tools" when the template renders
+    them."""
+    fmt = svc.fmt
+    renders_tools = fmt is not None and "tools" in fmt.template
+    return ["completion", "tools"] if renders_tools else ["completion"]
 
 
 def _loaded(svc: Service, body: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,13 +23,14 @@ from ondevice.server.schemas import (
     _Sampling,
 )
 from ondevice.server.service import (
-    TOOLS_UNSUPPORTED,
     Generation,
     GenerationRequest,
     Service,
     Unsupported,
     numbers,
 )
+from ondevice.server.toolcalls import finish_reason
+from ondevice.tools import ToolCall
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -62,12 +63,13 @@ def _model_card(svc: Service) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     svc = service(request)
     svc.check_model(body.model)
-    if body.tools or body.tool_choice not in (None, "none", "auto"):
-        raise Unsupported(TOOLS_UNSUPPORTED, hint="send the request without tools")
     if body.top_logprobs:
         raise Unsupported("logprobs are not supported yet")
     req = _generation(body, body.max_completion_tokens or body.max_tokens)
     req.messages = [_message(i, m) for i, m in enumerate(body.messages)]
+    req.tools, req.tool_choice = body.tools, body.tool_choice
+    if body.parallel_tool_calls is False:
+        req.notes.append("parallel_tool_calls=false is not enforced: a reply may make calls")
     if body.response_format is not None:
         rf = body.response_format.model_dump(by_alias=True, exclude_none=True)
         req.constraint["response_format"] = rf
@@ -79,9 +81,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         chunks = await gen.opened(request)
         return _sse(reply.chat_events(gen, chunks, usage))
     result = await gen.result(request)
-    message = {"role": "assistant", "content": result.text}
+    text, calls = gen.tools.read(result.text, result.tokens)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message.update(content=text or None, tool_calls=[c.to_openai() for c in calls])
     choice = {"index": 0, "message": message, "logprobs": None}
-    return JSONResponse(reply.body(gen, choice, result.finish_reason))
+    return JSONResponse(reply.body(gen, choice, finish_reason(result.finish_reason, calls)))
 
 
 @router.post("/v1/completions")
@@ -103,7 +108,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return _sse(reply.text_events(gen, chunks, usage, echo))
     result = await gen.result(request)
     choice = {"index": 0, "text": echo + result.text, "logprobs": None}
-    return JSONResponse(reply.body(gen, choice, result.finish_reason))
+    return JSONResponse(reply.body(gen, choice, finish_reason(result.finish_reason, [])))
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -125,12 +130,19 @@ def _generation(body: _Sampling, max_tokens: int | None) -> GenerationRequest:
 
 
 def _message(i: int, m: ChatMessage) -> dict[str, Any]:
-    """An OpenAI message as the chat template takes it (developer is system; text parts
-    joined)."""
-    if m.role in ("tool", "function") or m.tool_calls:
-        raise Unsupported(f"message {i} is a tool call or result: {TOOLS_UNSUPPORTED}")
-    role = "system" if m.role == "developer" else m.role
-    return {"role": role, "content": _text(i, m.content)}
+    """An OpenAI message as the chat template takes it (developer is system, function is
+    tool; text parts joined); tool calls and results as they came, checked by
+    ondevice.chat_messages when the prompt is rendered."""
+    role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+    out: dict[str, Any] = {"role": role, "content": _text(i, m.content)}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+        if m.content is None:
+            del out["content"]
+    for key in ("tool_call_id", "name"):
+        if getattr(m, key) is not None:
+            out[key] = getattr(m, key)
+    return out
 
 
 def _text(i: int, content: str | list[ContentPart] | None) -> str:
@@ -166,7 +178,7 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def body(self, gen: Generation, choice: dict[str, Any], finish: str) -> dict[str, Any]:
-        choice["finish_reason"] = _finish(finish)
+        choice["finish_reason"] = finish
         return {**self._head(self.kind), "choices": [choice], "usage": usage(gen),
                 "ondevice": numbers(gen)}  # fmt: skip
 
@@ -179,8 +191,21 @@ class _Reply:
         head = self._head("chat.completion.chunk")
         extra = {"usage": None} if with_usage else {}
         yield {**head, "choices": [delta({"role": "assistant", "content": ""})], **extra}
-        async for ev in self._events(gen, chunks, head, extra, with_usage, delta, "content"):
-            yield ev
+        async for chunk in chunks:
+            text = gen.tools.show(chunk.text, list(chunk.tokens))
+            if text:
+                yield {**head, "choices": [delta({"content": text})], **extra}
+            if chunk.finish_reason is None:
+                continue
+            rest, calls = gen.tools.finish()
+            if rest:
+                yield {**head, "choices": [delta({"content": rest})], **extra}
+            if calls:
+                yield {**head, "choices": [delta({"tool_calls": _call_deltas(calls)})], **extra}
+            final = delta({}, finish_reason(chunk.finish_reason, calls))
+            yield {**head, "choices": [final], **extra, "ondevice": numbers(gen)}
+        if with_usage:
+            yield {**head, "choices": [], "usage": usage(gen)}
 
     async def text_events(
         self, gen: Generation, chunks: AsyncIterator[Any], with_usage: bool, echo: str
@@ -197,24 +222,20 @@ class _Reply:
         extra = {"usage": None} if with_usage else {}
         if echo:
             yield {**head, "choices": [text({"text": echo})], **extra}
-        async for ev in self._events(gen, chunks, head, extra, with_usage, text, "text"):
-            yield ev
-
-    async def _events(self, gen, chunks, head, extra, with_usage, choice: Callable, key: str):
         async for chunk in chunks:
             if chunk.text:
-                yield {**head, "choices": [choice({key: chunk.text})], **extra}
+                yield {**head, "choices": [text({"text": chunk.text})], **extra}
             if chunk.finish_reason is not None:
-                final = choice({}, _finish(chunk.finish_reason))
+                final = text({}, finish_reason(chunk.finish_reason, []))
                 yield {**head, "choices": [final], **extra, "ondevice": numbers(gen)}
         if with_usage:
             yield {**head, "choices": [], "usage": usage(gen)}
 
 
-def _finish(reason: str) -> str:
-    # OpenAI knows stop and length (and tool_calls, content_filter); a cancelled reply's
-    # client is gone, and one that ran out of time was cut short.
-    return "length" if reason == "length" else "stop"
+def _call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """The calls as one stream delta: each whole, with its index (OpenAI streams a call's
+    arguments in pieces; a client joins them, so one piece is the same to it)."""
+    return [{"index": i, **c.to_openai()} for i, c in enumerate(calls)]
 
 
 def usage(gen: Generation) -> dict[str, int]:

@@ -3,7 +3,7 @@ request with them (a wrong type is a 400 naming the field) and publishes them as
 schema that the fuzzing test generates requests from.
 
 Unknown fields are ignored (clients add fields faster than servers learn them); fields that
-are accepted but not supported yet (tools, logprobs) are refused by the routes with a clear
+are accepted but not supported yet (logprobs, images) are refused by the routes with a clear
 400. Sizes are bounded here and by the body limit (ondevice.server.config).
 """
 
@@ -122,6 +122,7 @@ class OllamaMessage(_Body):
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
     thinking: str | None = None
 
 

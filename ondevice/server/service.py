@@ -20,12 +20,13 @@ from typing import Any
 import anyio.to_thread
 from starlette.requests import Request
 
-from ondevice import chat_formats, chat_tokens, conversation
+from ondevice import chat_formats, chat_messages, chat_tokens, conversation, tools
 from ondevice.batch import AsyncJob, Scheduler
 from ondevice.chat_formats import ChatFormat
 from ondevice.errors import ModelNotFound, OndeviceError, UsageError
 from ondevice.results import Chunk, Result
 from ondevice.server.config import ServerConfig
+from ondevice.server.toolcalls import ToolReply
 from ondevice.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,6 @@ class NotReady(OndeviceError):
 
 class Unsupported(UsageError):
     """A request asks for something this server does not do (yet): 400."""
-
-
-TOOLS_UNSUPPORTED = "tools are not supported yet"
 
 
 @dataclass
@@ -54,13 +52,21 @@ class GenerationRequest:
     constraint: dict[str, Any] = field(default_factory=dict)  # response_format= / json_schema=
     notes: list[str] = field(default_factory=list)
     return_tokens: bool = False  # the ids in the `ondevice` field (for debugging clients)
+    tools: list[dict[str, Any]] | None = None  # OpenAI's function tools, for the template
+    tool_choice: Any = None  # none, auto (the default with tools), required, or a tool's name
 
 
-def chat_prompt(model: Any, fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-    """The prompt tokens for a chat: the model's template rendered, then tokenized the way
-    ondevice.conversation does it (the caller's text without special-token parsing, so a user
-    can't write role tokens). The one place the server turns messages into tokens."""
-    prompt = conversation.render_prompt(model, fmt, messages)
+def chat_prompt(
+    model: Any,
+    fmt: ChatFormat,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
+    """The prompt tokens for a chat: the model's template rendered (with the tools), then
+    tokenized the way ondevice.conversation does it (the caller's text without special-token
+    parsing, so a user can't write role tokens). The one place the server turns messages into
+    tokens."""
+    prompt = conversation.render_prompt(model, fmt, messages, tools=tools)
     return chat_tokens.tokenize_pieces(
         model, prompt.pieces, protected=chat_tokens.protected_ids(model)
     )
@@ -155,14 +161,24 @@ class Service:
     ) -> Generation:
         t0 = time.perf_counter()
         stops = list(req.stop)
+        constraint, plan = dict(req.constraint), None
         if req.messages is not None:
             if self.fmt is None:
                 raise Unsupported(
                     "this model has no chat format, so it can only do completions",
                     hint="start the server with --chat-format, or use /v1/completions",
                 )
-            tokens = chat_prompt(sched.model, self.fmt, req.messages)
+            checked = chat_messages.validate_messages(req.messages)
+            messages = chat_formats.calls_as_text(self.fmt, checked)
+            tokens = chat_prompt(sched.model, self.fmt, messages, req.tools)
             stops = list(dict.fromkeys([*self.fmt.stop, *stops]))
+            plan = tools.plan(req.tools, req.tool_choice, self.fmt.template)
+            if conversation.tool_kwargs(plan) and constraint:
+                raise Unsupported(
+                    "tools can't be combined with response_format or format",
+                    hint='send tool_choice "none", or the request without one of them',
+                )
+            constraint.update(conversation.tool_kwargs(plan))
         elif isinstance(req.prompt, str):
             # A raw prompt is the client's whole text, control tokens included (as in
             # llama-server and Ollama's raw mode): there is no role boundary to protect. Text
@@ -177,10 +193,11 @@ class Service:
             max_tokens=max_tokens,
             stop=stops,
             time_limit_s=self.config.time_limit_s,
-            **req.constraint,
+            **constraint,
             **req.sampling,
         )
         gen = Generation(ajob, len(tokens), max_tokens, [*req.notes, *notes], t0)
+        gen.tools = ToolReply(sched.model, plan)
         if req.return_tokens:
             gen.prompt_ids = tokens
         return gen
@@ -212,6 +229,7 @@ class Generation:
     stats: Stats | None = None
     prompt_ids: list[int] | None = None  # kept when the request asked for return_tokens
     token_ids: list[int] = field(default_factory=list)
+    tools: ToolReply = field(default_factory=lambda: ToolReply(None, None))
 
     @property
     def slot(self) -> int | None:
