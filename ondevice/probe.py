@@ -275,10 +275,10 @@ def run_probe(
         proc.stdin.flush()
         rc = proc.wait(timeout=wall_seconds)
     except subprocess.TimeoutExpired:
-        _kill(proc)
+        processes.kill(proc, "probe child")
         rc = None
     except BaseException:  # Ctrl-C, or the parent's own error: the child goes too
-        _kill(proc)
+        processes.kill(proc, "probe child")
         raise
     finally:
         _close(proc.stdin)
@@ -374,15 +374,6 @@ def _short(line: str) -> str:
     if sep and "/" in head and ":" in head:
         line = f"{head.rsplit('/', 1)[-1]}: {rest}"
     return line[:300]
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a child that ignores SIGKILL
-        log.warning("probe child %d did not exit", proc.pid)
 
 
 def _close(stream: Any) -> None:

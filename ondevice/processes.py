@@ -20,6 +20,7 @@ import ctypes.util
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -101,3 +102,13 @@ def die_with_parent(watch: int | None = None) -> None:
             os._exit(3)
 
         threading.Thread(target=wait_for_eof, name="ondevice-parent-watch", daemon=True).start()
+
+
+def kill(proc: subprocess.Popen, what: str = "child") -> None:
+    """SIGKILL `proc` if it still runs and reap it, so no zombie or orphan is left."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a child that ignores SIGKILL
+        log.warning("%s %d did not exit", what, proc.pid)

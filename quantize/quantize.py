@@ -255,7 +255,7 @@ def _run_child(
             elif cancel is None:
                 time.sleep(0.1)
     except BaseException:
-        _kill(proc)
+        processes.kill(proc, "quantizer child")
         reader.join(timeout=5)
         raise
     finally:
@@ -309,12 +309,3 @@ def _engine_message(lines: list[str]) -> str:
         if "error" in low or "abort" in low or "failed" in low:
             return line.strip()
     return lines[-1].strip() if lines else "no output from the quantizer"
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a child that ignores SIGKILL
-        log.warning("quantizer child %d did not exit", proc.pid)
