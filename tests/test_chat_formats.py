@@ -509,3 +509,30 @@ def test_malicious_gguf_in_the_cli(malicious_gguf, cli_env):
     assert "Traceback" not in proc.stderr
     time.sleep(0.1)
     assert not canary.exists()
+
+
+def test_calls_as_text_for_templates_that_cant_render_calls():
+    """llama-server's polyfill, as the server uses it: a template that ignores tool_calls (or
+    fails on them) gets them as Hermes text in the content; one that renders them is left as
+    it is."""
+    calls = [{"id": "c1", "type": "function",
+              "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]  # fmt: skip
+    msgs = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "tool_calls": calls}]
+    plain = cf.ChatFormat(
+        "gguf", "{% for m in messages %}{{ m['content'] }}|{% endfor %}", source="gguf"
+    )
+    (user, asst) = cf.calls_as_text(plain, msgs)
+    assert user == msgs[0] and "tool_calls" not in asst
+    assert json.loads(asst["content"].split("\n")[1]) == {
+        "name": "add",
+        "arguments": {"a": 1, "b": 2},
+    }
+    assert asst["content"].startswith("<tool_call>\n") and asst["content"].endswith("</tool_call>")
+    assert "add" in plain.render_text(cf.calls_as_text(plain, msgs), True)
+    aware = cf.ChatFormat(
+        "gguf",
+        "{% for m in messages %}{{ m.get('content', '') }}{% for c in m.get('tool_calls', []) %}"
+        "{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}",
+        source="gguf",
+    )
+    assert cf.calls_as_text(aware, msgs) is msgs
