@@ -113,6 +113,17 @@ def test_the_summary_pattern_is_what_the_repl_prints():
     assert SUMMARY.match(st.summary()), st.summary()
 
 
+def test_the_server_sends_the_repls_stats_line(server):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    numbers = r["ondevice"]
+    line = numbers["summary"]
+    assert SUMMARY.match(line), line
+    assert line.startswith(f"{numbers['completion_tokens']} tokens · prompt ")
+    ttft_ms = float(re.search(r"TTFT (\d+) ms", line).group(1))
+    assert abs(ttft_ms - numbers["ttft_s"] * 1000) <= 1  # the field is rounded to 0.1 ms
+
+
 # --- in the browser ----------------------------------------------------------------------
 def _missing() -> list[str]:
     out = []
@@ -287,7 +298,7 @@ def test_a_message_streams_a_reply_then_the_stats_line(server, browser):
     assert _severe_logs(browser) == []
 
 
-def test_stop_frees_the_servers_slot(server, browser):
+def test_stop_frees_the_servers_slot(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     _open(browser, server.url)
@@ -297,6 +308,8 @@ def test_stop_frees_the_servers_slot(server, browser):
         before = server.metrics()
         _send(browser, "Write a long story about a dragon who learns to bake bread.")
         _wait(browser, lambda d: (r := _last_reply(d)) and len(r["text"]) > 5, 60, "text")
+        shot = tmp_path / "chat-streaming-1280px.png"
+        browser.save_screenshot(str(shot))
         browser.find_element(By.ID, "stop").click()
         reply = _wait(browser, lambda d: (r := _last_reply(d)) and r["busy"] == "false" and r)
         if reply["stats"] != "[stopped]":
@@ -312,6 +325,7 @@ def test_stop_frees_the_servers_slot(server, browser):
         assert _text(browser, "#status") == "Stopped."
         assert browser.find_element(By.ID, "send").is_enabled()
         assert not browser.find_element(By.ID, "stop").is_enabled()
+        print(f"screenshot: {shot}")
         return
     pytest.fail("the reply always ended before Stop was pressed")
 
