@@ -87,10 +87,13 @@ def test_every_route_but_health_needs_the_key(server):
     r = good.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}])
     assert r.usage.completion_tokens <= 4  # --max-tokens 4
     assert httpx.get(f"{server.url}/v1/models", headers={"X-Api-Key": KEY}).status_code == 200
-    for path in ("/v1/models", "/metrics", "/api/tags", "/", "/openapi.json"):
+    for path in ("/v1/models", "/metrics", "/api/tags", "/openapi.json", "/static/other.js"):
         r = httpx.get(f"{server.url}{path}")
         assert r.status_code == 401, path
         assert r.headers["www-authenticate"] == "Bearer"
+    # The chat page and its two files are public: they hold no secrets, and ask for the key.
+    for path in ("/", "/static/chat.js", "/static/chat.css"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
     assert isinstance(httpx.get(f"{server.url}/api/tags").json()["error"], str)  # Ollama's
     assert httpx.get(f"{server.url}/health").status_code == 200
     with pytest.raises(ollama.ResponseError) as oerr:

@@ -38,7 +38,7 @@ DEFAULT_PARALLEL = 4
 @click.option(
     "--api-key", envvar="ONDEVICE_API_KEY", default=None, metavar="KEY",
     help="Require this key (Authorization: Bearer KEY, or X-Api-Key) on every route but "
-    "/health [env: ONDEVICE_API_KEY].",
+    "/health and the chat page's files (the page asks for it) [env: ONDEVICE_API_KEY].",
 )  # fmt: skip
 @click.option(
     "--no-auth", is_flag=True,
@@ -78,11 +78,16 @@ DEFAULT_PARALLEL = 4
     "--timeout", type=click.FloatRange(0.1), default=TIME_LIMIT_S, show_default=True,
     help="Seconds one request may take, waiting included.",
 )  # fmt: skip
+@click.option(
+    "--no-web", is_flag=True,
+    help="No chat page at http://HOST:PORT/ (the API only; GET / says the server runs).",
+)  # fmt: skip
 def serve(model: str | None, **opts) -> None:
     """Serve MODEL over HTTP: OpenAI's API (/v1/chat/completions, /v1/completions,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, ...), with parallel
     requests batched in one decode.
 
+    Open http://127.0.0.1:8080/ in a browser to chat with the model (--no-web: the API only).
     MODEL as for `ondevice chat` (default: $ONDEVICE_MODEL, the model pulled last, the demo
     model). --ctx is each slot's context, so the KV cache holds --parallel x --ctx tokens.
     Binds 127.0.0.1; another --host needs --api-key (or --no-auth).
@@ -109,6 +114,7 @@ def serve(model: str | None, **opts) -> None:
         max_body_bytes=opts["max_body"], max_connections=opts["max_connections"],
         max_queue=opts["max_queue"], time_limit_s=opts["timeout"], max_tokens=opts["max_tokens"],
         model_name=opts["name"] or _api_name(name), chat_format=opts["chat_format"],
+        web=not opts["no_web"],
     )  # fmt: skip
     kwargs = load_kwargs(opts)
 

@@ -6,7 +6,8 @@ Ollama's dialects, every request batched on one model by `ondevice.batch.Schedul
     schemas  the request bodies (pydantic), hence the OpenAPI schema
     service  the model, its scheduler and the prompt: what every route calls
     openai_api, ollama_api   the two dialects' routes
-    app      the FastAPI application: routers, guards, errors, /health, /metrics
+    web      the chat page at GET / (static/: HTML, CSS, JS as package data) and its CSP
+    app      the FastAPI application: routers, guards, errors, /health, /metrics, the page
     run      bind, load in the background, serve with uvicorn
 
 Needs the `server` extra (`pip install 'ondevice[server]'`: FastAPI, uvicorn,

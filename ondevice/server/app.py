@@ -1,6 +1,6 @@
 """The ASGI application: FastAPI with the OpenAI and Ollama routers, the guards (Host, CORS,
-API key, body size), every error as a JSON reply in the route's dialect, GET /health and
-GET /metrics (Prometheus)."""
+API key, body size), every error as a JSON reply in the route's dialect, GET /health,
+GET /metrics (Prometheus) and the chat page at GET / (ondevice.server.web)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from ondevice.errors import (
     OndeviceError,
     UsageError,
 )
-from ondevice.server import ollama_api, openai_api
+from ondevice.server import ollama_api, openai_api, web
 from ondevice.server.config import ServerConfig
-from ondevice.server.guards import AuthGuard, BodyLimit, HostGuard
+from ondevice.server.guards import PUBLIC_PATHS, AuthGuard, BodyLimit, HostGuard
 from ondevice.server.responses import error_response
 from ondevice.server.service import NotReady, Service
 
@@ -65,9 +65,15 @@ def create_app(service: Service, config: ServerConfig) -> FastAPI:
         registry=registry,
     )  # fmt: skip
     _routes(app, service, registry)
+    public = PUBLIC_PATHS
+    if config.web:
+        web.add_routes(app)
+        public += web.PUBLIC_PATHS
+    else:
+        app.add_api_route("/", _running, methods=["GET"], include_in_schema=False)
     _error_handlers(app)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(AuthGuard, api_key=config.api_key)
+    app.add_middleware(AuthGuard, api_key=config.api_key, public=public)
     if config.cors_origins:
         # No credentials, ever: the API key travels in a header the page sets itself, and a
         # wildcard origin with credentials would hand any page the user's access.
@@ -98,9 +104,10 @@ def _routes(app: FastAPI, service: Service, registry: CollectorRegistry) -> None
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
-    async def root() -> PlainTextResponse:
-        return PlainTextResponse("ondevice is running")
+
+async def _running() -> PlainTextResponse:
+    """GET / with --no-web: a line for probes (as Ollama's `Ollama is running`)."""
+    return PlainTextResponse("ondevice is running")
 
 
 def _error_handlers(app: FastAPI) -> None:

@@ -40,6 +40,7 @@ class ServerConfig:
     max_tokens: int | None = None  # a cap on one request's tokens (default: the context)
     model_name: str = "model"
     chat_format: str | None = None
+    web: bool = True  # the chat page at GET / (--no-web: a plain-text line instead)
 
 
 def is_loopback(host: str) -> bool:

@@ -47,11 +47,16 @@ class HostGuard:
 
 class AuthGuard:
     """401 unless the request carries the API key, as `Authorization: Bearer KEY` (OpenAI's
-    clients) or `X-Api-Key: KEY`; /health is public. Keys are compared in constant time."""
+    clients) or `X-Api-Key: KEY`; the `public` paths (exactly those: /health, and the chat
+    page's files, which must load to ask for the key) need none. Keys are compared in constant
+    time."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, public: tuple[str, ...] = PUBLIC_PATHS
+    ) -> None:
         self.app = app
         self.key = _digest(api_key.encode("utf-8")) if api_key else None
+        self.public = frozenset(public)
 
     def _authorized(self, headers: Headers) -> bool:
         assert self.key is not None
@@ -66,7 +71,7 @@ class AuthGuard:
         return hmac.compare_digest(_digest(given.encode("utf-8", "replace")), self.key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.key is None or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or self.key is None or scope["path"] in self.public:
             return await self.app(scope, receive, send)
         if self._authorized(Headers(scope=scope)):
             return await self.app(scope, receive, send)

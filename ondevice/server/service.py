@@ -347,6 +347,9 @@ def numbers(gen: Generation) -> dict[str, Any]:
         "max_tokens": gen.max_tokens,
         "slot": gen.slot,
         "notes": list(st.notes),
+        # The line `ondevice chat` prints after a reply, from the same function, so the chat
+        # page shows exactly what the terminal does.
+        "summary": st.summary(),
     }
     if gen.prompt_ids is not None:
         out.update(prompt_token_ids=gen.prompt_ids, token_ids=gen.token_ids)
