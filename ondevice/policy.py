@@ -46,6 +46,12 @@ REPACK_TYPES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
+UNALIGNED_NOTE = (
+    "read without mmap: the file's general.alignment leaves tensors at addresses ggml can't "
+    "use mapped"
+)
+
+
 def has_amx_kernels(system_info: str) -> bool:
     """The AMX rule on llama.cpp's system-info line: only an x86 build compiled with AMX says
     `AMX_INT8 = 1`. ARM builds (NEON, dotprod, i8mm, SVE) never do, so they keep repacking,

@@ -236,10 +236,9 @@ def limits(header: GGUFHeader) -> tuple[int, int, float]:
 
 
 def child_env() -> dict[str, str]:
-    """The child imports the same ondevice as we did (a checkout on sys.path included)."""
-    env = processes.child_env()  # our pid: the child dies with us
-    root = str(Path(ondevice.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    """`processes.child_env()` (the child dies with us and runs our ondevice) and llama.cpp's
+    settings for a quiet, lean load."""
+    env = processes.child_env()
     env.setdefault("OMP_WAIT_POLICY", policy.OMP_WAIT_POLICY)  # idle threads sleep
     env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
     env.setdefault("MALLOC_ARENA_MAX", "2")  # glibc: per-thread arenas inflate address space

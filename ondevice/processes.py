@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,15 @@ def terminate_on_signals() -> Iterator[None]:
 
 
 def child_env() -> dict[str, str]:
-    """The environment for a child that must die with us (it reads our pid from it)."""
+    """The environment for one of our Python children (`python -m ondevice...`): it dies with
+    us (it reads our pid from it) and imports the same ondevice as we did — a checkout on
+    sys.path included, and never an `ondevice/` folder in the current directory, which
+    `python -m` would otherwise put first (PYTHONSAFEPATH, Python 3.11+)."""
     env = dict(os.environ)
     env[PARENT_ENV] = str(os.getpid())
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import ondevice
 from ondevice import locate, paths, processes
 from ondevice.errors import QuantizeError
 from ondevice.gguf_header import GGUFHeader, read_header
@@ -228,11 +227,7 @@ def _run_child(
         kwargs["start_new_session"] = True
     else:  # pragma: no cover - Windows
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-    # The child must import the same ondevice as we did, even if it came from a checkout
-    # on sys.path rather than an installed package.
-    env = processes.child_env()
-    root = str(Path(ondevice.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = processes.child_env()  # it dies with us and imports the same ondevice
     proc = subprocess.Popen(
         [sys.executable, "-m", "ondevice.quantize._worker"],
         stdin=subprocess.PIPE,

@@ -247,11 +247,16 @@ def test_the_address_space_limit_holds(demo_path, home, monkeypatch):
 
 
 def test_the_child_runs_our_ondevice(tmp_path):
-    """The same package as the parent, even from a checkout not installed (PYTHONPATH)."""
+    """The same package as the parent, even from a checkout not installed (PYTHONPATH), and
+    not a decoy `ondevice/` in the current directory (python -m would put it first)."""
     env = probe.child_env()
+    (tmp_path / "ondevice").mkdir()
+    (tmp_path / "ondevice" / "__init__.py").write_text("raise SystemExit('decoy imported')")
     code = "import ondevice; print(ondevice.__file__)"
-    out = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == ondevice.__file__
+    out = subprocess.run(
+        [PYTHON, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == ondevice.__file__, out.stderr
     assert env["GGML_NO_BACKTRACE"] == "1"
 
 

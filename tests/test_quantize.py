@@ -266,9 +266,12 @@ def test_ctrl_c_kills_the_child_and_keeps_nothing(demo_f16_path, tmp_path):
         def on_progress(done, total, name):
             if done == 1:
                 kids = psutil.Process().children(recursive=True)
+                # Freeze the quantizer mid-file (this callback runs on a reader thread, so
+                # sleeping here would not hold it): the Ctrl-C always lands before the result
+                # could be renamed into place, however fast or loaded the machine is.
+                for kid in kids:
+                    kid.suspend()
                 print("started", *[p.pid for p in kids], flush=True)
-                # Hold here so the Ctrl-C always lands before the result is renamed into
-                # place, however fast the machine quantizes.
                 time.sleep(60)
         quantize({str(demo_f16_path)!r}, {str(out)!r}, "Q8_0", threads=1, on_progress=on_progress)
         print("finished", flush=True)
