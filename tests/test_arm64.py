@@ -114,7 +114,7 @@ def test_agreement_with_x86(quant):
     output layer is): both code paths are compared. The ARM run is also measured with
     repacking off (two correct ARM kernels), and the fit planner's repacked bytes are checked
     against the CPU_REPACK buffers llama.cpp reported at load."""
-    from ondevice import fit
+    from ondevice import fit, policy, system
     from ondevice.gguf_header import read_header
 
     need_reference()
@@ -125,7 +125,9 @@ def test_agreement_with_x86(quant):
     row = {**result, "repack": arm["repack"], "repack_bytes": arm["repack_bytes"]}
     row.update(x86_cpu=meta["cpu"], x86_greedy=meta["greedy_text"], arm_greedy=arm["greedy_text"])
 
-    repackable = fit.repackable_bytes(read_header(path))
+    repackable = fit.repackable_bytes(
+        read_header(path), policy.repack_family(system.cpu_features())
+    )
     assert arm["repack"], "repacking must stay on for ARM builds"
     # Every file has a Q8_0 token_embd used (tied) by the output layer: repacked on ARM even
     # in the Q4_1 demo, whose Q4_1 matrices have no ARM layout.
