@@ -37,7 +37,7 @@ def child(model: str, n_ctx: int, kv_type: str, threads: int, flash_attn: str = 
     from ondevice import bench, policy, stats
     from ondevice._native import binding
 
-    policy.set_omp_passive()  # as load() does, before llama.cpp's libraries load
+    policy.set_omp_wait()  # as load() does, before llama.cpp's libraries load
     binding.llama()  # llama.cpp's libraries in memory before the baseline reading
     base = stats.memory_breakdown()
     with bench.native_log_lines() as lines:

@@ -15,7 +15,8 @@ llama-cpp-python's server (`python -m llama_cpp.server`, in its own venv so the 
 its binding: ~/.cache/ondevice-bench/lcpp-server-venv, made with `pip install
 'llama-cpp-python[server]==VER'`) serializes requests; it runs with `--interrupt_requests
 False` so that a new request does not cut a streaming one off. Every process gets the same
-OMP_WAIT_POLICY. RSS after each run gives the memory per extra slot.
+OpenMP wait setting: ondevice's own (GOMP_SPINCOUNT=300, a short spin before sleeping) unless
+--omp-wait names an OMP_WAIT_POLICY. RSS after each run gives the memory per extra slot.
 
     python benchmarks/serve_bench.py --models demo,q4km --rounds 3
     python benchmarks/serve_bench.py --models demo --clients 1,4 --rounds 1 --servers ondevice
@@ -43,6 +44,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_vs_llama_bench import CACHE, model_path  # noqa: E402
 from stream_vs_llama_bench import machine_line, median, write_results  # noqa: E402
+
+from ondevice import policy  # noqa: E402
 
 SECTION = "## ondevice serve vs llama-server and llama-cpp-python's server (issue 16)"
 LCPP_VENV = CACHE / "lcpp-server-venv"
@@ -239,10 +242,16 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512, help="context per slot")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
-    ap.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for every server")
+    ap.add_argument(
+        "--omp-wait", default="", help="OMP_WAIT_POLICY for every server (default: ondevice's)"
+    )
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
-    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if args.omp_wait:
+        env["OMP_WAIT_POLICY"] = args.omp_wait
+    else:
+        env.update(policy.OMP_ENV)  # what ondevice.load() sets, for every server alike
     servers = [s for s in args.servers.split(",") if s]
     clients = [int(c) for c in args.clients.split(",")]
     rows = []

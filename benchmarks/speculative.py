@@ -137,6 +137,13 @@ _ACCEPT = re.compile(r"n_accept\s*=\s*(\d+)")
 _DRAFTED = re.compile(r"n_drafted\s*=\s*(\d+)")
 
 
+def draft_max_flag(binary: Path) -> str:
+    """llama.cpp renamed --draft-max to --spec-draft-n-max; ask the binary which it takes."""
+    got = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    helptext = got.stdout + got.stderr
+    return "--spec-draft-n-max" if "--spec-draft-n-max" in helptext else "--draft-max"
+
+
 def run_llama_lookup(binary: Path, model: Path, prompt_text: str, threads: int, repack: bool):
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
         fh.write(prompt_text)
@@ -144,7 +151,7 @@ def run_llama_lookup(binary: Path, model: Path, prompt_text: str, threads: int, 
     try:
         cmd = [
             str(binary), "-m", str(model), "-f", path, "-n", str(N_GEN), "-t", str(threads),
-            "--temp", "0", "-c", "4096", "-fa", "off", "--draft-max", "16",
+            "--temp", "0", "-c", "4096", "-fa", "off", draft_max_flag(binary), "16",
         ]  # fmt: skip
         if not repack:
             cmd.append("--no-repack")

@@ -262,13 +262,15 @@ def _generate_speculative(
     limit = _limit(eng, cache, req)
     cached = cache.tokens
     reason = "length" if limit <= 0 else ""
-    tok = -1
+    tok = shadow = -1
     while not reason:
         if req.cancelled():  # before each token, as plain decoding checks
             reason = "cancelled"
             break
         if tok < 0:
             tok = eng.sample(req.sampler)
+            if shadow >= 0:  # the draft we didn't verify: would it have been accepted?
+                spec.observe_shadow(tok == shadow)
         out.sampled()
         reason = _emit(eng, out, tok, limit)
         if out.pending_chunk is not None:
@@ -277,15 +279,18 @@ def _generate_speculative(
             break
         index.append(tok)
         room = min(limit - out.n, eng.n_ctx - len(cached) - 1)
-        k = spec.length(min(room, len(index.draft(speculate.DRAFT_LENGTHS[-1]))))
-        draft = index.draft(k) if k else []
+        lookup = index.draft(speculate.DRAFT_LENGTHS[-1])
+        k = spec.length(min(room, len(lookup)))
+        draft = lookup[:k]
         if not draft:
+            shadow = lookup[0] if lookup else -1
             t0 = time.perf_counter()
             eng.decode_one(tok)
             spec.observe_decode(1, time.perf_counter() - t0)
             cached.append(tok)
             tok = -1  # sampled at the top, after the cancel check
             continue
+        shadow = -1
         tok, reason, chunks = _verify(eng, cache, req, out, index, tok, draft, limit)
         yield from chunks
     yield out.last(reason, req.max_tokens)

@@ -97,10 +97,12 @@ def load(
                  (`Model.generate_many`, `ondevice.batch`, `ondevice serve --parallel`).
 
     Two process-wide settings, which an app can decline:
-    omp_passive     set OMP_WAIT_POLICY=PASSIVE (unless the environment sets a policy) before
-                    llama.cpp's OpenMP runtime loads, so its idle threads sleep instead of
-                    spinning on cores a UI or another process needs (ondevice.policy says what
-                    it is worth). It has no effect once llama.cpp was loaded in the process.
+    omp_passive     give llama.cpp's OpenMP threads a short spin before they sleep
+                    (GOMP_SPINCOUNT=300, unless the environment sets OMP_WAIT_POLICY or
+                    GOMP_SPINCOUNT) before its OpenMP runtime loads: idle threads soon stop
+                    spinning on cores a UI or another process needs, without paying a sleep
+                    and wake-up at every barrier (ondevice.policy says what each is worth).
+                    It has no effect once llama.cpp was loaded in the process.
     reset_peak_rss  reset the kernel's peak-RSS mark (Linux), so Stats.peak_rss_bytes covers
                     this model only, not what the process did before.
 
@@ -119,7 +121,7 @@ def load(
             f"speculative must be one of {', '.join(speculate.MODES)}, not {speculative!r}"
         )
     if omp_passive:
-        policy.set_omp_passive()
+        policy.set_omp_wait()
     path = locate.resolve(model)
     header = read_header(path)
     asked = dict(

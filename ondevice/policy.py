@@ -198,20 +198,27 @@ def attention_settings(
 
 
 # --- OpenMP ----------------------------------------------------------------------------------
-OMP_WAIT_POLICY = "PASSIVE"
+# In the binding's OpenMP build ggml's barriers between graph nodes are `omp barrier`s, hundreds
+# per token, and what a waiting thread does there is libgomp's wait policy. Spinning for long
+# (libgomp's default, 300000 spins, or ACTIVE) steals the cores the next token needs when they
+# are shared: with the demo model on 2 busy cores we measured 1.8 tok/s spinning vs 14 passive.
+# Sleeping at once (PASSIVE) costs a futex wake-up per barrier, which is cheap on some machines
+# and ruinous on others: on a 2-core AMD EPYC VM, llama-bench tg on the demo model at 2 threads
+# gave 32-36 tok/s PASSIVE vs 100-108 with libgomp's default spin, while on the Intel VM of
+# benchmarks/RESULTS.md the two were level. A short spin before sleeping gets both: 108 tok/s
+# quiet and, with two busy loops on the same cores, 34-39 tok/s vs PASSIVE's 18-34
+# (benchmarks/RESULTS.md, "OpenMP wait"). GOMP_SPINCOUNT is libgomp's (the Linux wheels'); an
+# OpenMP runtime that doesn't read it keeps its own default.
+OMP_ENV = {"GOMP_SPINCOUNT": "300"}
+OMP_USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def set_omp_passive(env: dict[str, str] | None = None) -> bool:
-    """Make llama.cpp's OpenMP threads wait passively between graphs (unless the user chose a
-    policy); True if it was set. Must happen before llama.cpp's libraries load.
-
-    Between OpenMP parallel regions libgomp's idle threads spin by default. On a laptop or phone
-    that shares its cores with a UI (or on a busy machine), the spinning threads steal the cores
-    the next token needs: with the demo model on 2 busy cores we measured 1.8 tok/s spinning vs
-    14 tok/s passive. Waiting passively costs one futex wake-up per graph (microseconds per
-    token; level on a quiet machine: benchmarks/RESULTS.md)."""
+def set_omp_wait(env: dict[str, str] | None = None) -> bool:
+    """Give llama.cpp's OpenMP threads a short spin before they sleep at a barrier (OMP_ENV),
+    unless the user chose a wait policy or spin count; True if it was set. Must happen before
+    llama.cpp's libraries load (later it changes nothing)."""
     env = os.environ if env is None else env  # type: ignore[assignment]
-    if "OMP_WAIT_POLICY" in env:
+    if any(k in env for k in OMP_USER_KEYS):
         return False
-    env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+    env.update(OMP_ENV)
     return True

@@ -239,7 +239,7 @@ def child_env() -> dict[str, str]:
     """`processes.child_env()` (the child dies with us and runs our ondevice) and llama.cpp's
     settings for a quiet, lean load."""
     env = processes.child_env()
-    env.setdefault("OMP_WAIT_POLICY", policy.OMP_WAIT_POLICY)  # idle threads sleep
+    policy.set_omp_wait(env)  # as load() does: idle threads soon sleep
     env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
     env.setdefault("MALLOC_ARENA_MAX", "2")  # glibc: per-thread arenas inflate address space
     return env

@@ -11,10 +11,13 @@ good, because a batch of k tokens costs more than one token (on this project's 2
     expected tokens per pass / cost of the pass = (1 + a + a^2 + ... + a^k) / (c(k+1) / c(1))
 
 with `a` the recent acceptance rate (per drafted position, a moving average) and c(n) the
-measured seconds of a decode of n tokens (moving averages, seeded from a prior). With
-`auto`, no draft is made when the best k would not beat plain decoding, so open-ended text
-(where lookups rarely match) costs nothing; a probe draft now and then notices when drafting
-starts to pay again.
+measured seconds of a decode of n tokens (moving averages; a size not yet measured is
+estimated from the measured single-token decode and a prior slope). With `auto`, no draft is
+made before a single-token decode has been timed, nor when the best k would not beat plain
+decoding, so open-ended text (where lookups rarely match) costs nothing. While it decodes
+plainly, `auto` still measures acceptance for free: the lookup's first token is compared
+with the token the model then samples (a "shadow draft"), so drafting resumes as soon as the
+text turns repetitive, without paying for probe drafts.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ NGRAM_MIN = 1
 DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
 PRIOR_ACCEPT = 0.6  # until drafts have been seen: optimistic enough to try
 EWMA = 0.3
+SHADOW_EWMA = 0.1  # one shadow draft is one Bernoulli trial: a smaller step than a real draft's
 # c(n)/c(1) before measurements: llama-bench pp1/pp4/pp16 on the demo model, 2 threads.
 PRIOR_COST_SLOPE = 0.3
 PAY_MARGIN = 1.05  # auto drafts only when the estimate beats plain decoding by this much
-PROBE_EVERY = 32  # auto: tokens between probe drafts while backing off
 
 
 class NgramIndex:
@@ -84,16 +87,18 @@ class Policy:
     mode: str = "auto"
     accept: float = PRIOR_ACCEPT
     cost: dict[int, float] = field(default_factory=dict)  # batch size -> seconds (EWMA)
-    since_probe: int = 0
     drafted: int = 0
     accepted: int = 0
 
     def seconds(self, n: int) -> float:
-        if n in self.cost:
-            return self.cost[n]
+        """Seconds of a decode of n tokens: measured, else estimated from the measured
+        single-token decode (before that, in relative units, all sizes alike: a measured c(n)
+        is never compared with an unmeasured c(1))."""
         one = self.cost.get(1)
         if one is None:
-            return 1.0 + PRIOR_COST_SLOPE * (n - 1)  # relative units until measured
+            return 1.0 + PRIOR_COST_SLOPE * (n - 1)
+        if n in self.cost:
+            return self.cost[n]
         return one * (1.0 + PRIOR_COST_SLOPE * (n - 1))
 
     def observe_decode(self, n: int, seconds: float) -> None:
@@ -109,6 +114,12 @@ class Policy:
         rate = accepted / drafted
         self.accept += EWMA * (rate - self.accept)
 
+    def observe_shadow(self, hit: bool) -> None:
+        """A draft that was looked up but not verified: would its first token have been
+        accepted (the sampled token equals it)? Costs nothing, so it runs on every plain
+        decode that had a lookup, and it is what brings drafting back after a back-off."""
+        self.accept += SHADOW_EWMA * (float(hit) - self.accept)
+
     def speedup(self, k: int) -> float:
         a = self.accept
         expected = 1.0 + sum(a**i for i in range(1, k + 1))
@@ -122,11 +133,6 @@ class Policy:
         best = max(options, key=self.speedup)
         if self.mode == "lookup":
             return best
-        if self.speedup(best) >= PAY_MARGIN:
-            self.since_probe = 0
-            return best
-        self.since_probe += 1
-        if self.since_probe >= PROBE_EVERY:  # look again: the text may have changed
-            self.since_probe = 0
-            return min(2, available)
-        return 0
+        if 1 not in self.cost:  # time one plain decode first: the yardstick for every k
+            return 0
+        return best if self.speedup(best) >= PAY_MARGIN else 0

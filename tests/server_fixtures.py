@@ -23,7 +23,8 @@ class ServerProcess:
         self.cmd = [PYTHON, "-m", "ondevice", "serve", str(model), "--port", "0",
                     "--threads", "2", "--name", "demo", *args]  # fmt: skip
         self.env = dict(env or os.environ)
-        self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if "OMP_WAIT_POLICY" not in self.env:
+            self.env.setdefault("GOMP_SPINCOUNT", "300")  # as ondevice.load() sets it
         self.lines: list[str] = []
         self.url = ""
         self.proc: subprocess.Popen[str] | None = None

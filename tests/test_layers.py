@@ -244,7 +244,7 @@ def _import_in_child(names: list[str]) -> dict:
 
 def test_every_module_imports_without_posix_only_modules_and_without_side_effects():
     """`import ondevice` (and every module of it) works where resource/fcntl don't exist, sets
-    no environment variable (OMP_WAIT_POLICY is set by load(), documented there) and loads no
+    no environment variable (GOMP_SPINCOUNT is set by load(), documented there) and loads no
     llama.cpp library."""
     names = [n for n in modules() if not n.endswith("__main__") and "_worker" not in n]
     got = _import_in_child(names)

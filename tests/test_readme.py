@@ -73,3 +73,23 @@ def test_readme_examples_run_as_written(name, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip()
+
+
+def test_no_merge_conflict_markers_in_the_docs_and_sources():
+    """A merge once left `<<<<<<< HEAD` in SECURITY.md: the documents users read stay whole."""
+    suffixes = {".md", ".py", ".toml", ".txt", ".js", ".css", ".html", ".sh", ".in", ""}
+    found = []
+    for path in sorted(ROOT.rglob("*")):
+        parts = path.relative_to(ROOT).parts
+        if not path.is_file() or path.suffix not in suffixes or parts[0].startswith("."):
+            continue
+        if parts[0] in {"build", "dist", "node_modules"} or path.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "<<<<<<<":
+                found.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not found, found

@@ -2,7 +2,7 @@
 
 The binding's import loads libllama, libggml and the OpenMP runtime; nothing in ondevice imports
 it at module level, so a process pays for it only when it first needs llama.cpp (`llama()`).
-An environment variable the OpenMP runtime reads (OMP_WAIT_POLICY, which `ondevice.load()` sets
+An environment variable the OpenMP runtime reads (GOMP_SPINCOUNT, which `ondevice.load()` sets
 unless asked not to) must be set before that first call.
 """
 
