@@ -262,7 +262,13 @@ def main() -> None:
     text = table(rows, args.n_gen)
     print(text)
     if args.write_results:
-        write_results(text, SECTION)
+        command = " ".join(["python", "benchmarks/serve_bench.py", *sys.argv[1:]])
+        head = (
+            f"{SECTION}\n\n`{command}`, {time.strftime('%Y-%m-%d')}: {args.threads} threads "
+            f"per server, {args.ctx} tokens of context per slot, medians of {args.rounds} "
+            "interleaved rounds.\n\n"
+        )
+        write_results(head + text, SECTION)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,9 @@ def run_ondevice(m, text: str, mode: str) -> dict:
     }
 
 
-_SPEED = re.compile(r"decoded\s+(\d+)\s+tokens in\s+([0-9.]+)\s+s,\s+speed:\s+([0-9.]+)\s+t/s")
+_SPEED = re.compile(
+    r"decoded\s+(\d+)\s+tokens in\s+([0-9.]+)\s+s(?:econds)?,\s+speed:\s+([0-9.]+)\s+t/s"
+)
 _ACCEPT = re.compile(r"n_accept\s*=\s*(\d+)")
 _DRAFTED = re.compile(r"n_drafted\s*=\s*(\d+)")
 
