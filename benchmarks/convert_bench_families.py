@@ -242,6 +242,14 @@ def ensure(name: str) -> Path:
     return folder
 
 
+# `ondevice convert` with the output's first-load check (ondevice.probe.check_written) skipped,
+# to measure the conversion alone; the default rows measure the whole command.
+NO_CHECK_LAUNCHER = (
+    "import sys; import ondevice.convert.base as b; b.check_written = lambda *a, **k: None; "
+    "from ondevice.cli import main; sys.argv[0] = 'ondevice'; main()"
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +259,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source folder")
     ap.add_argument("--llama-python", default=sys.executable)
+    ap.add_argument(
+        "--without-check",
+        action="store_true",
+        help="time ondevice's conversion alone: skip the first-load check of the output (a "
+        "child process that loads and runs it, whose RSS is the output file mapped)",
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -278,7 +292,7 @@ def main() -> None:
                 out_dir / f"llamacpp-{outtype}.gguf",
             )
             commands = {
-                "ondevice": [sys.executable, "-m", "ondevice", "convert", str(src), "-o", str(ours), "--outtype", outtype, "--force"],
+                "ondevice": [sys.executable, *(["-c", NO_CHECK_LAUNCHER] if args.without_check else ["-m", "ondevice"]), "convert", str(src), "-o", str(ours), "--outtype", outtype, "--force"],
                 "llama.cpp": [args.llama_python, "-c", LLAMA_CPP_LAUNCHER, str(llama_cpp), pre, str(src), "--outfile", str(theirs), "--outtype", outtype],
             }  # fmt: skip
             results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in commands}
@@ -302,7 +316,8 @@ def main() -> None:
             theirs.unlink()
     print(f"\nMachine: {_cpu()}, {os.cpu_count()} cores; load average now {os.getloadavg()[0]:.2f}")
     print(f"Command: python benchmarks/convert_bench_families.py --models {args.models} "
-          f"--outtypes {args.outtypes} --rounds {args.rounds}\n")  # fmt: skip
+          f"--outtypes {args.outtypes} --rounds {args.rounds}"
+          f"{' --without-check' if args.without_check else ''}\n")  # fmt: skip
     print(
         "| model | outtype | converter | wall s (load avg at start) | peak RSS MB | ondevice / llama.cpp |"
     )

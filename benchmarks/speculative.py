@@ -305,8 +305,9 @@ def main() -> None:
             f"`python benchmarks/speculative.py --rounds {args.rounds}`, "
             f"{time.strftime('%Y-%m-%d')}: demo model through its chat template, temperature "
             f"0, {N_GEN} new tokens, {args.threads} threads; rounds interleave off, auto, "
-            "lookup and llama-lookup (built from the binding's sdist, `--draft-max 16 -fa off "
-            "--temp 0`, its own speed line). Medians of the rounds. "
+            "lookup and llama-lookup (built from the binding's sdist, `--spec-draft-n-max 16 "
+            "-fa off --temp 0`, older builds `--draft-max`; its own speed line). Medians of the "
+            "rounds. "
             f"Machine: {machine_line()}.",
             "",
             table,
