@@ -261,7 +261,12 @@ def test_ctrl_c_kills_the_child_and_keeps_nothing(demo_f16_path, tmp_path):
     out.parent.mkdir()
     script = textwrap.dedent(
         f"""
-        import os, time, psutil
+        import faulthandler, os, signal, time, psutil
+        # As in a user's terminal, whatever the test runner's process inherited: Ctrl-C raises
+        # KeyboardInterrupt. A hang prints every thread's stack instead of a bare timeout.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+        faulthandler.dump_traceback_later(45, exit=True)
         from ondevice.quantize import quantize
         def on_progress(done, total, name):
             if done == 1:
@@ -285,7 +290,7 @@ def test_ctrl_c_kills_the_child_and_keeps_nothing(demo_f16_path, tmp_path):
     proc.send_signal(signal.SIGINT)
     rest, err = proc.communicate(timeout=60)
     assert "finished" not in rest
-    assert "KeyboardInterrupt" in err
+    assert "KeyboardInterrupt" in err, err
     child_pids = [int(p) for p in line[1:]]
     deadline = time.time() + 10
     while any(psutil.pid_exists(p) for p in child_pids) and time.time() < deadline:
