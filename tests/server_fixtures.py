@@ -87,6 +87,15 @@ class ServerProcess:
                 out[name.removeprefix("ondevice_")] = float(value)
         return out
 
+    def wait_slots_free(self, timeout: float = 5) -> dict[str, float]:
+        """Wait until no slot is busy (a cancelled stream's slot frees within one token);
+        the metrics then."""
+        t0 = time.monotonic()
+        while self.metrics()["busy_slots"] > 0:
+            assert time.monotonic() - t0 < timeout, "the slot was not freed"
+            time.sleep(0.05)
+        return self.metrics()
+
     def stop(self) -> int:
         """SIGTERM, as a service manager stops it; the exit code."""
         assert self.proc is not None
