@@ -9,20 +9,20 @@ from pathlib import Path
 
 import pytest
 
-# llama.cpp's OpenMP threads spin while they wait; with a loaded model in this process and
-# CLI subprocesses beside it on a 2-core machine, long-spinning threads starve each other (the
-# demo model fell from 55 to 0.1 tok/s). The suite waits as ondevice.load() has every process
-# wait (ondevice.policy.OMP_ENV: a short spin, then sleep); it must be set before llama.cpp's
-# libraries load, and subprocesses inherit it.
-for _k, _v in {"GOMP_SPINCOUNT": "300"}.items():
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault(_k, _v)
 # Hermetic: the user's model store, tunings and history must not leak into the tests (nor the
 # tests' into them). Tests that need their own home set ONDEVICE_HOME themselves.
 os.environ["ONDEVICE_HOME"] = tempfile.mkdtemp(prefix="ondevice-test-home-")
 
 import ondevice  # noqa: E402
+from ondevice import policy  # noqa: E402
 from ondevice.locate import demo_model_path  # noqa: E402
+
+# llama.cpp's OpenMP threads spin while they wait; with a loaded model in this process and
+# CLI subprocesses beside it on a 2-core machine, long-spinning threads starve each other (the
+# demo model fell from 55 to 0.1 tok/s). The suite waits as ondevice.load() has every process
+# wait (a short spin, then sleep); importing ondevice loads no llama.cpp library, so this is
+# still before libgomp reads it, and subprocesses inherit it.
+policy.set_omp_wait()
 
 # The suite's own subprocesses must run the same interpreter and package as pytest.
 PYTHON = sys.executable

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 from conftest import PYTHON
 
+from ondevice import policy
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,8 +25,7 @@ class ServerProcess:
         self.cmd = [PYTHON, "-m", "ondevice", "serve", str(model), "--port", "0",
                     "--threads", "2", "--name", "demo", *args]  # fmt: skip
         self.env = dict(env or os.environ)
-        if "OMP_WAIT_POLICY" not in self.env:
-            self.env.setdefault("GOMP_SPINCOUNT", "300")  # as ondevice.load() sets it
+        policy.set_omp_wait(self.env)  # as ondevice.load() sets it
         self.lines: list[str] = []
         self.url = ""
         self.proc: subprocess.Popen[str] | None = None

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from conftest import PYTHON
 
+from ondevice import policy
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tk_chat.py"
 STORY = "Write a long story about a dragon who learns to bake bread."
@@ -130,8 +132,7 @@ def driver(display, demo_path, tmp_path):
     env = {**os.environ, "DISPLAY": display, "PYTHONPATH": str(ROOT)}
     # libgomp's long-spinning barriers make 2 threads crawl when the machine is oversubscribed
     # (a shared CI box); a short spin before sleeping, as ondevice.load() sets, keeps the pace.
-    if "OMP_WAIT_POLICY" not in env:
-        env.setdefault("GOMP_SPINCOUNT", "300")
+    policy.set_omp_wait(env)
     cmd = [PYTHON, str(EXAMPLE), "--model", str(demo_path), "--no-autoload", "--ctx", "2048"]
     cmd += ["--temperature", "0", "--max-tokens", "400", "--threads", "2"]
     cmd += ["--state-file", str(state)]
