@@ -4,8 +4,9 @@ aggregate generated tok/s and TTFT p50/p95 at 1, 2, 4 and 8 concurrent streaming
 Each client streams one `POST /v1/completions` (a prompt the model keeps continuing, a different
 one per client, `max_tokens` 128, temperature 0) and all start together; aggregate tok/s is the
 tokens all clients received divided by the wall time from the start to the last token, TTFT is
-per client from its request to its first token. Rounds go server by server at each concurrency
-(the machine is shared: compare medians of interleaved rounds).
+per client from its request to its first token. At each concurrency all servers are up at
+once and the rounds alternate between them (the machine is shared: compare medians of
+interleaved rounds).
 
 The same engine and settings on every side: llama-server is built from the installed binding's
 vendored llama.cpp (`LLAMA_TOOLS=llama-server build_llama_tools.sh`) and runs with `-np N` (continuous batching), `-c N x
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -181,20 +183,27 @@ async def burst(url: str, n: int, n_gen: int) -> dict[str, float]:
 
 
 def measure(model: Path, servers, clients, rounds, ctx, threads, n_gen, env) -> list[dict]:
+    """At each concurrency, every server runs at once (idle but one) and the rounds go
+    server by server, so a slow minute of the shared machine hits all of them alike."""
     rows = []
     for n in clients:
+        runs: dict[str, list[dict]] = {s: [] for s in servers}
+        with contextlib.ExitStack() as stack:
+            live = {}
+            for server in servers:
+                np_ = 1 if server == "llama-cpp-python" else n
+                port = free_port()
+                cmd = command(server, model, port, np_, ctx, threads)
+                live[server] = stack.enter_context(Server(cmd, port, env))
+                asyncio.run(burst(live[server].url, 1, 8))  # warm-up
+            for _ in range(rounds):
+                for server in servers:
+                    runs[server].append(asyncio.run(burst(live[server].url, n, n_gen)))
+            rss = {server: s.rss() for server, s in live.items()}
         for server in servers:
-            runs, rss = [], 0
-            np_ = 1 if server == "llama-cpp-python" else n
-            port = free_port()
-            with Server(command(server, model, port, np_, ctx, threads), port, env) as s:
-                asyncio.run(burst(s.url, 1, 8))  # warm-up
-                for _ in range(rounds):
-                    runs.append(asyncio.run(burst(s.url, n, n_gen)))
-                rss = s.rss()
-            row = {"model": model.name, "server": server, "clients": n, "rss_bytes": rss}
+            row = {"model": model.name, "server": server, "clients": n, "rss_bytes": rss[server]}
             for key in ("tps", "ttft_p50", "ttft_p95", "tokens"):
-                row[key] = median([r[key] for r in runs])
+                row[key] = median([r[key] for r in runs[server]])
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     return rows

@@ -119,13 +119,17 @@ def run_ondevice(m, text: str, mode: str) -> dict:
     m.reset()
     out = m.chat([{"role": "user", "content": text}], max_tokens=N_GEN, temperature=0,
                  speculative=mode)  # fmt: skip
-    parts, final = [], None
+    parts, tokens, final = [], [], None
     for chunk in out:
         parts.append(chunk.text)
+        tokens.extend(chunk.tokens)
         final = chunk.stats or final
+    if final.finish_reason == "stop":
+        tokens.append(-1)  # the end of the reply, as a token: where it ends can differ too
     return {
+        "tokens": tokens,
         "tps": final.generation_tps,
-        "tokens": final.completion_tokens,
+        "n": final.completion_tokens,
         "drafted": final.drafted_tokens,
         "accepted": final.accepted_tokens,
         "text": "".join(parts),
@@ -168,7 +172,7 @@ def run_llama_lookup(binary: Path, model: Path, prompt_text: str, threads: int, 
     accepted = _ACCEPT.search(log)
     return {
         "tps": float(speed.group(3)),
-        "tokens": int(speed.group(1)),
+        "n": int(speed.group(1)),
         "drafted": int(drafted.group(1)) if drafted else 0,
         "accepted": int(accepted.group(1)) if accepted else 0,
     }
@@ -207,9 +211,69 @@ def tasks_table(args) -> tuple[str, list[dict]]:
             )
             print(f"{name} round {r + 1}: " + ", ".join(
                 f"{k} {v[-1]['tps']:.1f}" for k, v in got.items()), file=sys.stderr)  # fmt: skip
-        rows.append({"task": name, **got})
+        rows.append({"task": name, "prompt": m.tokenize(rendered, add_special=False), **got})
+    div = divergences(m, rows)
     m.close()
-    return _format_tasks(rows), rows
+    return _format_tasks(rows) + "\n\n" + div, rows
+
+
+def divergences(m, rows: list[dict]) -> str:
+    """Where a speculative run's greedy text first differs from plain decoding's, and how
+    near a tie plain decoding's choice was there: its top two logits, recomputed the way the
+    plain run computed them (the prompt in one decode, then token by token), and how far the
+    same position's logits move when the last 4 tokens are evaluated as one verify batch."""
+    import numpy as np
+
+    from ondevice._native.engine import Batch
+
+    lines = ["| task | mode | round | first differing token | plain chose (p) | speculative "
+             "chose (p) | top-2 gap (logits) | plain vs batched logits, max abs diff |",
+             "|---|---|---:|---:|---|---|---:|---:|"]  # fmt: skip
+    runs = same = 0
+    for row in rows:
+        off = row["off"][0]["tokens"]
+        for mode in ("auto", "lookup"):
+            for r, run in enumerate(row[mode]):
+                runs += 1
+                sp = run["tokens"]
+                i = next((j for j, (a, b) in enumerate(zip(off, sp, strict=False)) if a != b), None)
+                if i is None and len(off) == len(sp):
+                    same += 1
+                    continue
+                i = min(len(off), len(sp)) if i is None else i
+                m.reset()
+                with m.raw() as eng:
+                    eng.decode(row["prompt"])
+                    for t in off[:i]:
+                        eng.decode_one(t)
+                    plain = eng.logits_last().copy()
+                    eng.kv_keep(len(row["prompt"]) + i - 4)
+                    batch = Batch(4)
+                    for j, t in enumerate(off[i - 4 : i]):
+                        batch.add(t, len(row["prompt"]) + i - 4 + j, 0, True)
+                    eng.decode_batch(batch)
+                    batched = eng.logits_at(3).copy()
+                    batch.free()
+                    eng.kv_clear()
+                    top = [int(t) for t in np.argsort(plain)[::-1][:8]]
+                    end = next((t for t in top if eng.is_eog(t)), None)
+                probs = np.exp(plain - plain.max())
+                probs /= probs.sum()
+
+                def name(seq: list[int], probs: np.ndarray = probs, end=end, i=i) -> str:
+                    t = seq[i] if i < len(seq) else -1
+                    if t < 0:  # the reply ended here
+                        return "(end)" + (f" ({probs[end]:.3f})" if end is not None else "")
+                    return f"{m.detokenize([t])!r} ({probs[t]:.3f})"
+
+                lines.append(
+                    f"| {row['task']} | {mode} | {r + 1} | {i} of {len(off)} | {name(off)} | "
+                    f"{name(sp)} | {plain[top[0]] - plain[top[1]]:.3f} | "
+                    f"{np.abs(plain - batched).max():.3f} |"
+                )
+    head = (f"Greedy text: {same} of {runs} speculative runs equal plain decoding's token "
+            "for token. Where one differs, its first differing token:")
+    return head + "\n\n" + "\n".join(lines)
 
 
 def _format_tasks(rows: list[dict]) -> str:
@@ -235,7 +299,7 @@ def _format_tasks(rows: list[dict]) -> str:
             for k in ("auto", "lookup")
         ]
         lines.append(
-            f"| {row['task']} | {statistics.median(x['tokens'] for x in row['off']):.0f} | "
+            f"| {row['task']} | {statistics.median(x['n'] for x in row['off']):.0f} | "
             f"{off:.1f} | {cell('auto')} | {cell('lookup')} | "
             f"{median([x['tps'] for x in lk]):.1f} ({lk_a / lk_d if lk_d else 0:.0%}) | "
             f"{'yes' if same[0] else 'no'}, {'yes' if same[1] else 'no'} |"

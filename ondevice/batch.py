@@ -17,7 +17,10 @@ goes to the free slot whose cached tokens share the longest prefix with its prom
 conversation continued by a client evaluates only its new tokens. Prompts are evaluated in
 chunks (`prefill_chunk` tokens a step while others generate), so a long prompt never stalls
 the other streams. The per-token work per sequence is what `Model.stream` does for one: one
-native sample, one piece, the stop check; the batch is built in place.
+native sample, one piece, the stop check; the batch is built in place. While only one job is
+running, its step also carries a prompt-lookup draft verified in the same decode (the load's
+`speculative` setting; `ondevice.speculate` decides when it pays): one client of a server gets
+what `Model.stream` gives it, and several share each pass over the weights instead.
 
 While the scheduler holds the model, other threads still tokenize with `Model.tokenize` (it
 needs only the vocabulary, not a turn at the model). `submit_async` hands a job's chunks to
@@ -40,7 +43,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ondevice import constrain, generation
+from ondevice import constrain, generation, speculate
 from ondevice._native.engine import Batch, Engine, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice.errors import ContextOverflow, ModelClosed, OndeviceError, UsageError
@@ -171,6 +174,10 @@ class _Slot:
     t_prefill: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
+    ngrams: speculate.NgramIndex | None = None  # prompt and reply, for drafting (unconstrained)
+    draft: list[int] = field(default_factory=list)  # this step: drafted after next_token
+    draft_n: int = 0  # the length of the n-gram the draft followed
+    shadow: tuple[int, int] | None = None  # an unverified draft's first token, and its n
 
     @property
     def free(self) -> bool:
@@ -178,10 +185,17 @@ class _Slot:
 
 
 class Scheduler:
-    """Runs submitted jobs on `model`, `model`'s context holding `parallel` sequences."""
+    """Runs submitted jobs on `model`, `model`'s context holding `parallel` sequences.
+    `speculative` (default: the model's load setting): while a single job is running, draft
+    by prompt lookup and verify the draft in its step's decode, as `Model.stream` does."""
 
     def __init__(
-        self, model: Any, *, max_queue: int = DEFAULT_QUEUE, prefill_chunk: int = PREFILL_CHUNK
+        self,
+        model: Any,
+        *,
+        max_queue: int = DEFAULT_QUEUE,
+        prefill_chunk: int = PREFILL_CHUNK,
+        speculative: str | None = None,
     ) -> None:
         self.model = model
         self._raw = model.raw()
@@ -196,6 +210,12 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._closed = False
         self.counters = collections.Counter()  # requests, prompt/generated tokens, decodes
+        mode = getattr(model, "speculative", "off") if speculative is None else speculative
+        if mode not in speculate.MODES:
+            raise UsageError(f"speculative must be one of {', '.join(speculate.MODES)}")
+        # Drafting is for a lone sequence: with several generating, the batch already fills
+        # the pass over the weights (llama.cpp measured lookup slowing down at 4+ slots).
+        self.spec = speculate.Policy(mode) if mode in ("auto", "lookup") else None
         self._thread = threading.Thread(target=self._run, name="ondevice-batch", daemon=True)
         self._thread.start()
 
@@ -385,6 +405,9 @@ class Scheduler:
             slot.trigger = Trigger(text, Grammar(eng.vocab, eng.n_vocab, gbnf))
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.pending, slot.parts, slot.new_tokens, slot.generated = "", [], [], []
+        free_text = self.spec is not None and slot.grammar is None and slot.trigger is None
+        slot.ngrams = speculate.NgramIndex(job.tokens) if free_text else None
+        slot.draft, slot.shadow = [], None
         slot.stats = Stats(
             prompt_tokens=len(job.tokens), prompt_eval_tokens=len(job.tokens) - common,
             load_s=self.model.load_s, model_bytes=self.model.model_bytes,
@@ -417,6 +440,9 @@ class Scheduler:
             s.index = batch.add(s.next_token, len(s.cached), s.seq, True)
             s.cached.append(s.next_token)
             s.next_token = None
+        solo = self._solo(generating)
+        if solo is not None:
+            self._add_draft(solo)
         budget = batch.capacity - batch.n
         if generating:
             budget = min(budget, self.prefill_chunk)
@@ -434,18 +460,50 @@ class Scheduler:
                 s.index = i
         if batch.n == 0:
             return
+        t0 = time.perf_counter()
         eng.decode_batch(batch)
+        if solo is not None:  # a lone sequence's decode of batch.n tokens: the policy's costs
+            assert self.spec is not None
+            self.spec.observe_decode(batch.n, time.perf_counter() - t0)
         self.counters["decode_calls"] += 1
         for s in self.slots:
             if s.job is not None and s.index >= 0:
-                self._sampled(s)
+                if s.draft:
+                    self._verify(s)
+                else:
+                    self._sampled(s)
+
+    def _solo(self, generating: list[_Slot]) -> _Slot | None:
+        """The slot to draft for: the only one with a job, generating without a grammar."""
+        if self.spec is None or len(generating) != 1 or generating[0].ngrams is None:
+            return None
+        if any(s.job is not None for s in self.slots if s is not generating[0]):
+            return None
+        return generating[0]
+
+    def _add_draft(self, s: _Slot) -> None:
+        """Append a prompt-lookup draft after s's next token, as much as pays (ondevice.speculate);
+        without one, remember the lookup's first token as a shadow draft."""
+        assert self.spec is not None and s.ngrams is not None and s.job is not None
+        lookup, n = s.ngrams.lookup(speculate.DRAFT_LENGTHS[-1])
+        room = min(self.eng.n_ctx - len(s.cached) - 2, self.batch.capacity - self.batch.n)
+        if s.job.max_tokens >= 0:
+            room = min(room, s.job.max_tokens - len(s.generated) - 1)
+        k = self.spec.length(min(room, len(lookup)), n)
+        if k <= 0:
+            s.shadow = (lookup[0], n) if lookup else None
+            return
+        s.draft, s.draft_n, s.shadow = lookup[:k], n, None
+        for d in s.draft:
+            self.batch.add(d, len(s.cached), s.seq, True)
+            s.cached.append(d)
 
     def _sampled(self, s: _Slot) -> None:
         """Sample this slot's next token from its logits at s.index, and hand out text."""
         eng, job, st = self.eng, s.job, s.stats
         assert job is not None and st is not None and s.sampler is not None
-        now = time.perf_counter()
         if not s.generated:
+            now = time.perf_counter()
             st.prompt_tps = st.prompt_eval_tokens / max(now - s.t_prefill, 1e-9)
             self.counters["prompt_tokens"] += st.prompt_eval_tokens
             s.sampler.accept(job.tokens)
@@ -453,6 +511,49 @@ class Scheduler:
             tok = eng.sample(s.sampler, s.index)
         else:
             tok = self._constrained(s)
+        if s.shadow is not None:  # would the lookup we didn't verify have been accepted?
+            assert self.spec is not None
+            self.spec.observe_shadow(tok == s.shadow[0], s.shadow[1])
+            s.shadow = None
+        self._take(s, tok)
+
+    def _verify(self, s: _Slot) -> None:
+        """Sample the pending token's position and each drafted one's in order while the
+        samples equal the draft (llama.cpp's sample-and-accept), then drop the rejected rest
+        of the draft from the slot's KV cache."""
+        draft, n, base = s.draft, s.draft_n, s.index
+        s.draft = []
+        st = s.stats
+        assert self.spec is not None and st is not None
+        st.drafted_tokens += len(draft)
+        self.counters["drafted_tokens"] += len(draft)
+        accepted, rejected = 0, False
+        for i in range(len(draft) + 1):
+            tok = self.eng.sample(s.sampler, base + i)
+            if i < len(draft) and tok == draft[i]:
+                accepted += 1
+                st.accepted_tokens += 1
+                if not self._take(s, tok):
+                    break  # the reply ended on it
+                s.next_token = None  # it is in the KV cache already: sample the next one
+                continue
+            rejected = i < len(draft)
+            self._take(s, tok)  # the correction, or the token after a fully accepted draft
+            break
+        self.counters["accepted_tokens"] += accepted
+        self.spec.observe_draft(len(draft), accepted, n, rejected)
+        keep = len(s.cached) - len(draft) + accepted
+        del s.cached[keep:]
+        if not self.eng.kv_keep(keep, s.seq):
+            self.eng.kv_drop(s.seq)
+            s.cached.clear()
+            if s.job is not None:  # can't happen for a tail; stop rather than run on bad KV
+                self._fail(s, OndeviceError("llama.cpp could not drop a rejected draft"))
+
+    def _take(self, s: _Slot, tok: int) -> bool:
+        """A sampled token into the slot's reply; False when it ended the reply."""
+        eng, job, st = self.eng, s.job, s.stats
+        assert job is not None and st is not None
         s.t_last = time.perf_counter()
         if not s.generated:
             s.t_first = s.t_last
@@ -460,16 +561,22 @@ class Scheduler:
         s.generated.append(tok)
         self.counters["generated_tokens"] += 1
         if eng.is_eog(tok):
-            return self._end(s, "stop")
+            self._end(s, "stop")
+            return False
         if s.trigger is not None:
             s.trigger.seen(eng, s, tok)  # sets s.grammar when a call starts
+        if s.ngrams is not None:
+            s.ngrams.append(tok)
         s.new_tokens.append(tok)
         s.pending += s.decoder.decode(eng.piece(tok))
         if self._emit_text(s):
-            return self._end(s, "stop")
+            self._end(s, "stop")
+            return False
         if len(s.generated) >= job.max_tokens >= 0 or len(s.cached) + 1 >= eng.n_ctx:
-            return self._end(s, "length")
+            self._end(s, "length")
+            return False
         s.next_token = tok
+        return True
 
     def _constrained(self, s: _Slot) -> int:
         eng, grammar, st = self.eng, s.grammar, s.stats

@@ -263,6 +263,7 @@ def _generate_speculative(
     cached = cache.tokens
     reason = "length" if limit <= 0 else ""
     tok = shadow = -1
+    shadow_n = 0
     while not reason:
         if req.cancelled():  # before each token, as plain decoding checks
             reason = "cancelled"
@@ -270,7 +271,7 @@ def _generate_speculative(
         if tok < 0:
             tok = eng.sample(req.sampler)
             if shadow >= 0:  # the draft we didn't verify: would it have been accepted?
-                spec.observe_shadow(tok == shadow)
+                spec.observe_shadow(tok == shadow, shadow_n)
         out.sampled()
         reason = _emit(eng, out, tok, limit)
         if out.pending_chunk is not None:
@@ -279,11 +280,11 @@ def _generate_speculative(
             break
         index.append(tok)
         room = min(limit - out.n, eng.n_ctx - len(cached) - 1)
-        lookup = index.draft(speculate.DRAFT_LENGTHS[-1])
-        k = spec.length(min(room, len(lookup)))
+        lookup, matched = index.lookup(speculate.DRAFT_LENGTHS[-1])
+        k = spec.length(min(room, len(lookup)), matched)
         draft = lookup[:k]
         if not draft:
-            shadow = lookup[0] if lookup else -1
+            shadow, shadow_n = (lookup[0] if lookup else -1), matched
             t0 = time.perf_counter()
             eng.decode_one(tok)
             spec.observe_decode(1, time.perf_counter() - t0)
@@ -291,7 +292,7 @@ def _generate_speculative(
             tok = -1  # sampled at the top, after the cancel check
             continue
         shadow = -1
-        tok, reason, chunks = _verify(eng, cache, req, out, index, tok, draft, limit)
+        tok, reason, chunks = _verify(eng, cache, req, out, index, tok, draft, matched, limit)
         yield from chunks
     yield out.last(reason, req.max_tokens)
 
@@ -318,6 +319,7 @@ def _verify(
     index: speculate.NgramIndex,
     tok: int,
     draft: list[int],
+    matched: int,
     limit: int,
 ) -> tuple[int, str, list[Chunk]]:
     """Decode tok + draft in one batch (logits everywhere), then sample position by position
@@ -337,11 +339,12 @@ def _verify(
     spec.observe_decode(len(draft) + 1, time.perf_counter() - t0)
     cached.append(tok)
     chunks: list[Chunk] = []
-    reason, nxt, accepted = "", -1, 0
+    reason, nxt, accepted, rejected = "", -1, 0, False
     for i in range(len(draft) + 1):
         t = eng.sample(req.sampler, i)
         if i == len(draft) or t != draft[i]:
             nxt = t  # the correction (or the bonus token after a fully accepted draft)
+            rejected = i < len(draft)
             break
         accepted += 1
         out.sampled()
@@ -352,7 +355,7 @@ def _verify(
             break
         index.append(t)
         cached.append(t)
-    spec.observe_draft(len(draft), accepted)
+    spec.observe_draft(len(draft), accepted, matched, rejected)
     st = out.st
     st.drafted_tokens += len(draft)
     st.accepted_tokens += accepted

@@ -324,3 +324,23 @@ def test_a_full_server_answers_429_with_retry_after(demo_path):
         first.join(120)
         second.join(120)
         assert results == [200, 200]
+
+
+def test_speculative_serve_drafts_for_a_lone_request(demo_path, client):
+    """`serve --speculative lookup`: a request running alone drafts by prompt lookup and
+    verifies in its steps (its numbers and /metrics say how many); the default server
+    doesn't draft, so its temperature-0 replies repeat exactly."""
+    text = "Repeat this exactly: red, green, blue, red, green, blue, red, green, blue."
+    msgs = [{"role": "user", "content": text}]
+    plain = chat(client, msgs, max_tokens=40)
+    assert plain.model_extra["ondevice"]["drafted_tokens"] == 0
+    with ServerProcess(
+        demo_path, "--parallel", "2", "--ctx", "512", "--speculative", "lookup"
+    ) as s:
+        spec = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        r = chat(spec, msgs, max_tokens=40)
+        extra = r.model_extra["ondevice"]
+        assert 0 < extra["accepted_tokens"] <= extra["drafted_tokens"]
+        m = s.metrics()
+        assert m["drafted_tokens_total"] == extra["drafted_tokens"]
+        assert m["decode_calls_total"] < r.usage.completion_tokens + 1

@@ -40,7 +40,13 @@ def model(demo_path):
 
 
 def first_divergence(model, prompt, a, b):
+    """(index, top-2 logit gap there) of the first token where replies a and b differ, or None.
+    A reply that is a prefix of the other ended where the other went on (end of text against
+    a token): that is a divergence too. Token lists without the end-of-text token."""
+    a, b = ([t for t in x if not model.is_eog(t)] for x in (a, b))  # the scheduler keeps it
     i = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if i is None and len(a) != len(b):
+        i = min(len(a), len(b))
     if i is None:
         return None
     logits = model.score(model.tokenize(prompt) + a[:i])[-1]
@@ -66,7 +72,7 @@ def test_greedy_text_equals_plain_decoding_up_to_near_ties(model):
             diverged.append((prompt[:30], i, round(margin, 4)))
     assert drafted > 0
     print(f"\n{len(diverged)} of {len(PROMPTS)} prompts diverged, each at a near-tie: {diverged}")
-    assert len(diverged) <= len(PROMPTS) // 2
+    assert len(diverged) <= 2 * len(PROMPTS) // 3
 
 
 def test_sampling_distribution_is_unchanged(model):
@@ -186,3 +192,96 @@ def test_ngram_index_drafts_what_followed():
     idx.append(7)  # 3, 7 never occurred: the 1-gram 7 didn't either
     assert idx.draft(3) == []
     assert speculate.NgramIndex([5, 5, 5]).draft(2) == [5]
+
+
+def test_acceptance_counts_only_the_tokens_a_draft_tested():
+    """A draft refused at its third token tested three tokens and accepted two: the tokens
+    after the refusal say nothing (accepted/drafted would read 2/8 and keep drafts short)."""
+    p = speculate.Policy("auto")
+    for _ in range(40):
+        p.observe_draft(8, 2)
+    assert p.acceptance() == pytest.approx(2 / 3, abs=0.01)
+    p.observe_draft(8, 3, rejected=False)  # the reply ended inside the draft: no refusal
+    assert p.acceptance() > 2 / 3
+    assert (p.drafted, p.accepted) == (41 * 8, 40 * 2 + 3)
+
+
+def test_policy_keeps_acceptance_per_matched_ngram_length():
+    p = speculate.Policy("auto")
+    for n in range(1, 18):
+        p.observe_decode(n, 0.010 * (1 + 0.3 * (n - 1)))
+    for _ in range(30):
+        p.observe_draft(4, 0, n=1)  # drafts after a single matched token fail
+        p.observe_draft(8, 8, n=4)  # drafts after a matched 4-gram hold
+    assert p.length(16, n=1) == 0
+    assert p.length(16, n=4) >= 8
+
+
+def test_ngram_lookup_says_how_long_a_match_it_followed():
+    idx = speculate.NgramIndex([1, 2, 3, 4, 5, 9, 1, 2, 3])
+    assert idx.lookup(2) == ([4, 5], 3)
+    idx.append(5)  # ... 3, 5: the 2-gram is new, the 1-gram 5 was followed by 9
+    assert idx.lookup(2) == ([9, 1], 1)
+    assert speculate.NgramIndex([7]).lookup(4) == ([], 0)
+
+
+def test_the_scheduler_drafts_for_a_lone_job_with_plain_decodings_text(model):
+    """One job on the batch scheduler (what one client of `ondevice serve` gets) drafts and
+    verifies in its step's decode: the same tokens as plain decoding, up to a near-tie."""
+    from ondevice.batch import Scheduler
+
+    prompts = PROMPTS[:4]
+    plain = []
+    for prompt in prompts:
+        model.reset()
+        plain.append(model.generate(prompt, max_tokens=64, temperature=0, speculative="off"))
+    got = []
+    with Scheduler(model, speculative="lookup") as sched:
+        for prompt in prompts:
+            got.append(sched.submit(model.tokenize(prompt), max_tokens=64, temperature=0).wait(120))
+        counters = dict(sched.counters)
+    drafted = sum(r.stats.drafted_tokens for r in got)
+    assert counters["drafted_tokens"] == drafted > 0
+    assert 0 < counters["accepted_tokens"] == sum(r.stats.accepted_tokens for r in got)
+    assert counters["decode_calls"] < sum(len(r.tokens) for r in got)  # drafts saved passes
+    for prompt, a, b in zip(prompts, plain, got, strict=True):
+        div = first_divergence(model, prompt, a.tokens, b.tokens)
+        assert div is None or div[1] < NEAR_TIE, (prompt, div)
+        if div is None:
+            assert a.text == b.text
+
+
+def test_the_scheduler_does_not_draft_while_two_jobs_share_a_step(demo_path):
+    from ondevice.batch import Scheduler
+
+    with ondevice.load(demo_path, n_ctx=1024, threads=2, parallel=2) as m:
+        with Scheduler(m, speculative="lookup") as sched:
+            text = m.tokenize(PROMPTS[3])
+            with sched._cv:  # both admitted at the same step: they run side by side throughout
+                jobs = [sched.submit(text, max_tokens=48, temperature=0) for _ in range(2)]
+            results = [j.wait(120) for j in jobs]
+            both = sched.counters["decode_calls"]
+            solo = sched.submit(text, max_tokens=48, temperature=0).wait(120)
+        div = first_divergence(m, PROMPTS[3], results[0].tokens, solo.tokens)
+    assert [r.stats.completion_tokens for r in results] == [48, 48]
+    assert [r.stats.drafted_tokens for r in results] == [0, 0]
+    assert both == 48  # one step per token, both sequences in each
+    assert solo.stats.drafted_tokens > 0  # alone, the same request drafts
+    assert div is None or div[1] < NEAR_TIE
+
+
+def test_one_slow_pass_does_not_price_a_draft_length_out_for_good():
+    """Costs of batched decodes come from one fitted line, not one average per size: a size
+    measured once during a slow moment (and so never chosen again, never re-measured) gets
+    the line's price like the others."""
+    p = speculate.Policy("auto")
+    p.observe_decode(1, 0.010)
+    for _ in range(5):
+        for n in (2, 5, 9):
+            p.observe_decode(n, 0.010 + 0.004 * n)
+    p.observe_decode(17, 0.30)  # one pass while the machine was busy: 3.8x the line's 0.078
+    for _ in range(20):
+        p.observe_draft(16, 16)
+    assert p.seconds(17) < 0.12
+    assert p.seconds(9) == pytest.approx(0.046, rel=0.3)
+    assert p.length(16) == 16

@@ -56,9 +56,14 @@ def _option(setting: Setting, *, name: str | None = None, default: Any = None, *
     )
 
 
-def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def load_options(
+    f: Callable[..., Any] | None = None, *, speculative: str = "auto", speculative_help: str = ""
+) -> Any:
     """--ctx, --threads, --backend, --gpu-layers, --flash-attn, --no-mmap, --kv-type,
-    --no-fallback, --force, --no-tune."""
+    --no-fallback, --force, --speculative, --no-tune. `@load_options`, or
+    `@load_options(speculative="off", speculative_help=...)` for another default."""
+    if f is None:
+        return lambda g: load_options(g, speculative=speculative, speculative_help=speculative_help)
     opts = [
         _option(LOAD["n_ctx"], name="ctx", help=LOAD["n_ctx"].help),
         _option(LOAD["threads"], default="auto", show_default=True, help=LOAD["threads"].help),
@@ -90,9 +95,9 @@ def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
         _option(
             LOAD["speculative"],
             type=click.Choice(LOAD["speculative"].choices),
-            default="auto",
+            default=speculative,
             show_default=True,
-            help=LOAD["speculative"].help,
+            help=LOAD["speculative"].help + speculative_help,
         ),
         click.option(
             "--no-tune",

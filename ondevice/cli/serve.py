@@ -34,7 +34,11 @@ DEFAULT_PARALLEL = 4
     "--parallel", "-np", default=DEFAULT_PARALLEL, show_default=True, type=click.IntRange(1, 256),
     help="Requests generated at once (each with --ctx tokens of context of its own).",
 )  # fmt: skip
-@load_options
+@load_options(
+    speculative="off",
+    speculative_help=" While one request runs alone its step drafts; off by default, because "
+    "drafts can flip near-ties, and a server's replies at temperature 0 should repeat exactly.",
+)
 @click.option(
     "--api-key", envvar="ONDEVICE_API_KEY", default=None, metavar="KEY",
     help="Require this key (Authorization: Bearer KEY, or X-Api-Key) on every route but "

@@ -145,7 +145,7 @@ class _SchedulerMetrics:
     """Prometheus collector reading the scheduler's counters at each scrape."""
 
     _COUNTERS = ("requests", "prompt_tokens", "generated_tokens", "decode_calls", "cancelled",
-                 "timeouts")  # fmt: skip
+                 "timeouts", "drafted_tokens", "accepted_tokens")  # fmt: skip
     _GAUGES = ("slots", "busy_slots", "queue_length", "kv_cells_used")
 
     def __init__(self, service: Service) -> None:

@@ -345,6 +345,8 @@ def numbers(gen: Generation) -> dict[str, Any]:
         "rss_bytes": st.rss_bytes,
         "peak_rss_bytes": st.peak_rss_bytes,
         "max_tokens": gen.max_tokens,
+        "drafted_tokens": st.drafted_tokens,  # speculative decoding (serve --speculative)
+        "accepted_tokens": st.accepted_tokens,
         "slot": gen.slot,
         "notes": list(st.notes),
         # The line `ondevice chat` prints after a reply, from the same function, so the chat
