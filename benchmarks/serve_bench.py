@@ -209,6 +209,48 @@ def measure(model: Path, servers, clients, rounds, ctx, threads, n_gen, env) -> 
     return rows
 
 
+def roof(model: Path, threads: int, n: int = 4, steps: int = 24) -> str:
+    """What batching can give at most, from the engine alone: the median seconds of a decode
+    of one token (one sequence) against one of n tokens (one per sequence), alternating in
+    one process at the benchmark's depths (in blocks of 6 alike, as a server's steps come). n clients can get at most n c(1) / c(n) times
+    one client's tok/s."""
+    import random
+
+    import ondevice
+    from ondevice._native.engine import Batch
+
+    rng = random.Random(0)
+    one, many = [], []
+    m = ondevice.load(model, n_ctx=n * 512, threads=threads, parallel=n, tune=False,
+                      flash_attn="off", speculative="off")  # fmt: skip
+    with m, m.raw() as eng:
+        b = Batch(64 * n)
+        b.clear()
+        for s in range(n):
+            for j in range(40):  # a prompt of the benchmark's length in every sequence
+                b.add(rng.randrange(1000, 20000), j, s, False)
+        eng.decode_batch(b)
+        pos = 40
+        for _ in range(steps // 6):  # blocks of 6 like decodes (as a server's steps come)
+            for seqs, times in ((1, one), (n, many)):
+                for _ in range(6):
+                    b.clear()
+                    for s in range(seqs):
+                        b.add(rng.randrange(1000, 20000), pos, s, True)
+                    t0 = time.perf_counter()
+                    eng.decode_batch(b)
+                    times.append(time.perf_counter() - t0)
+                    pos += 1
+                pos -= 6
+                for s in range(n):  # back to where every sequence was
+                    eng.kv_keep(pos, s)
+        b.free()
+    c1, cn = statistics.median(one), statistics.median(many)
+    return (f"{model.name}: c(1) = {c1 * 1000:.1f} ms, c({n} sequences x 1 token) = "
+            f"{cn * 1000:.1f} ms: {n} clients get at most {n * c1 / cn:.2f}x one client's "
+            f"tok/s (median of {steps} decodes each, in alternating blocks)")  # fmt: skip
+
+
 def table(rows: list[dict], n_gen: int) -> str:
     out = [f"Aggregate generated tok/s and TTFT (ms, p50/p95) of n streaming clients, "
            f"{n_gen} tokens each; RSS after the run (MiB).", "",
@@ -255,7 +297,11 @@ def main() -> None:
         "--omp-wait", default="", help="OMP_WAIT_POLICY for every server (default: ondevice's)"
     )
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--roof", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.roof:
+        print(roof(Path(args.roof), args.threads))
+        return
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if args.omp_wait:
         env["OMP_WAIT_POLICY"] = args.omp_wait
@@ -263,12 +309,18 @@ def main() -> None:
         env.update(policy.OMP_ENV)  # what ondevice.load() sets, for every server alike
     servers = [s for s in args.servers.split(",") if s]
     clients = [int(c) for c in args.clients.split(",")]
-    rows = []
+    rows, roofs = [], []
     for name in args.models.split(","):
         model = model_path(name)
         rows += measure(model, servers, clients, args.rounds, args.ctx, args.threads,
                         args.n_gen, env)  # fmt: skip
-    text = table(rows, args.n_gen)
+        # In a process of its own, with the servers' environment (the OpenMP wait is read
+        # when the library loads, and this one has loaded it already).
+        got = subprocess.run([sys.executable, __file__, "--roof", str(model), "--threads",
+                              str(args.threads)], env=env, capture_output=True, text=True,
+                             check=True)  # fmt: skip
+        roofs.append(got.stdout.strip().splitlines()[-1])
+    text = table(rows, args.n_gen) + "\n\nThe roof, from llama_decode alone: " + "; ".join(roofs)
     print(text)
     if args.write_results:
         command = " ".join(["python", "benchmarks/serve_bench.py", *sys.argv[1:]])
