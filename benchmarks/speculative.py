@@ -271,8 +271,10 @@ def divergences(m, rows: list[dict]) -> str:
                     f"{name(sp)} | {plain[top[0]] - plain[top[1]]:.3f} | "
                     f"{np.abs(plain - batched).max():.3f} |"
                 )
-    head = (f"Greedy text: {same} of {runs} speculative runs equal plain decoding's token "
-            "for token. Where one differs, its first differing token:")
+    head = (
+        f"Greedy text: {same} of {runs} speculative runs equal plain decoding's token "
+        "for token. Where one differs, its first differing token:"
+    )
     return head + "\n\n" + "\n".join(lines)
 
 
