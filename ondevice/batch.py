@@ -197,6 +197,9 @@ class Scheduler:
         prefill_chunk: int = PREFILL_CHUNK,
         speculative: str | None = None,
     ) -> None:
+        mode = getattr(model, "speculative", "off") if speculative is None else speculative
+        if mode not in speculate.MODES:  # before the model is taken: nothing to give back
+            raise UsageError(f"speculative must be one of {', '.join(speculate.MODES)}")
         self.model = model
         self._raw = model.raw()
         self.eng: Engine = self._raw.__enter__()  # held until close(): the model is ours
@@ -210,9 +213,6 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._closed = False
         self.counters = collections.Counter()  # requests, prompt/generated tokens, decodes
-        mode = getattr(model, "speculative", "off") if speculative is None else speculative
-        if mode not in speculate.MODES:
-            raise UsageError(f"speculative must be one of {', '.join(speculate.MODES)}")
         # Drafting is for a lone sequence: with several generating, the batch already fills
         # the pass over the weights (llama.cpp measured lookup slowing down at 4+ slots).
         self.spec = speculate.Policy(mode) if mode in ("auto", "lookup") else None

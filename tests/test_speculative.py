@@ -152,6 +152,11 @@ def test_bad_mode_is_refused(model, demo_path):
         model.generate("x", speculative="fast")
     with pytest.raises(ondevice.OndeviceError, match="speculative must be one of"):
         ondevice.load(demo_path, speculative="fast")
+    from ondevice.batch import Scheduler
+
+    with pytest.raises(ondevice.OndeviceError, match="speculative must be one of"):
+        Scheduler(model, speculative="fast")
+    assert model.generate("x", max_tokens=2).stats.completion_tokens > 0  # not left held
 
 
 def test_policy_backs_off_when_drafts_fail_and_comes_back_on_shadow_hits():
