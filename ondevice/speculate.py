@@ -16,8 +16,9 @@ straight line fitted to every measured batched decode (decaying weights). One li
 average per size: on a shared CPU a single slow pass would otherwise price its size out for
 good (a size that is never chosen is never measured again), and batched decodes do cost close
 to a line in n (on the 2-core test machine, each drafted token adds about half a plain decode,
-and the step from 1 to 2 tokens is the largest). Before two sizes are measured, a prior slope. `a` is estimated the way
-that model asks for: accepted tokens over tested ones, where a draft rejected at position j
+and the step from 1 to 2 tokens is the largest). Before two sizes are measured, a prior slope.
+
+`a` is estimated the way that model asks for: accepted tokens over tested ones, where a draft rejected at position j
 tested j + 1 tokens and the ones after the rejection were never tested (counting them as
 failures, as accepted/drafted does, underestimates `a` and keeps drafts too short). It is
 kept separately for each length of the n-gram the lookup matched: a draft that follows a
@@ -112,6 +113,7 @@ class Policy:
     cost: dict[int, float] = field(default_factory=dict)  # batch size -> seconds (EWMA)
     # decaying sums for the least-squares line through batched decodes: w, x, y, xx, xy
     fit: list[float] = field(default_factory=lambda: [0.0] * 5)
+    line: tuple[float, float] | None = None  # (intercept, slope) of the fit, once it has one
     drafted: int = 0
     accepted: int = 0
 
@@ -130,7 +132,7 @@ class Policy:
             return 1.0 + PRIOR_COST_SLOPE * (n - 1)
         if n == 1:
             return one
-        line = self._line()
+        line = self.line
         if line is not None:
             return max(line[0] + line[1] * n, one)
         if n in self.cost:
@@ -140,8 +142,9 @@ class Policy:
             return self.cost[batched[0]] + one * PRIOR_COST_SLOPE * (n - batched[0])
         return one * (1.0 + PRIOR_COST_SLOPE * (n - 1))
 
-    def _line(self) -> tuple[float, float] | None:
-        """(intercept, slope) through the batched decodes, once two sizes are measured."""
+    def _fit_line(self) -> tuple[float, float] | None:
+        """(intercept, slope) through the batched decodes, once two sizes are measured
+        (computed once per measured decode, not per question: length() asks per token)."""
         w, x, y, xx, xy = self.fit
         if sum(1 for k in self.cost if k > 1) < 2 or w <= 0:
             return None
@@ -155,12 +158,13 @@ class Policy:
         old = self.cost.get(n)
         self.cost[n] = seconds if old is None else old + EWMA * (seconds - old)
         if n > 1:
-            line = self._line()
+            line = self.line
             if line is not None:  # a pass far over the line is the machine, not the size
                 seconds = min(seconds, OUTLIER * (line[0] + line[1] * n))
             f = self.fit
             for i, v in enumerate((1.0, n, seconds, n * n, n * seconds)):
                 f[i] = f[i] * (1.0 - FIT_DECAY) + v
+            self.line = self._fit_line()
 
     def observe_draft(
         self, drafted: int, accepted: int, n: int = NGRAM_MAX, rejected: bool | None = None
@@ -189,7 +193,8 @@ class Policy:
 
     def speedup(self, k: int, n: int = NGRAM_MAX) -> float:
         a = self.acceptance(n)
-        expected = 1.0 + sum(a**i for i in range(1, k + 1))
+        # 1 + a + ... + a^k, in closed form (asked for every draft length, every token)
+        expected = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
         return expected * self.seconds(1) / self.seconds(k + 1)
 
     def length(self, available: int, n: int = NGRAM_MAX) -> int:
