@@ -16,7 +16,7 @@ and checks both against this table, which is the one place the layering is writt
     LAYER native      _native
     LAYER model-files tensor_roles model_check gguf_header gguf_check probe policy fit chat_sandbox chat_messages chat_formats chat_tokens store locate models tune_store
     LAYER devices     backends
-    LAYER runtime     constrain speculate tools generation batch app conversation runtime loader
+    LAYER runtime     constrain speculate draft tools generation batch app conversation runtime loader
     LAYER tools       bench tune pull repl quantize convert
     LAYER services    server
     LAYER interfaces  cli __main__

@@ -198,8 +198,11 @@ class Scheduler:
         speculative: str | None = None,
     ) -> None:
         mode = getattr(model, "speculative", "off") if speculative is None else speculative
-        if mode not in speculate.MODES:  # before the model is taken: nothing to give back
-            raise UsageError(f"speculative must be one of {', '.join(speculate.MODES)}")
+        drafter = getattr(model, "_drafter", None)
+        if mode not in speculate.MODES and not (mode == speculate.DRAFT and drafter is not None):
+            # before the model is taken: nothing to give back
+            extra = ", draft (with a draft model loaded)"
+            raise UsageError(f"speculative must be one of {', '.join(speculate.MODES)}{extra}")
         self.model = model
         self._raw = model.raw()
         self.eng: Engine = self._raw.__enter__()  # held until close(): the model is ours
@@ -215,7 +218,10 @@ class Scheduler:
         self.counters = collections.Counter()  # requests, prompt/generated tokens, decodes
         # Drafting is for a lone sequence: with several generating, the batch already fills
         # the pass over the weights (llama.cpp measured lookup slowing down at 4+ slots).
-        self.spec = speculate.Policy(mode) if mode in ("auto", "lookup") else None
+        self.spec = speculate.Policy(mode) if mode != "off" else None
+        self.drafter = drafter if mode == speculate.DRAFT else None  # else prompt lookup
+        self._drafted_s = 0.0  # what this step's draft model draft took
+        self._decode_s = 0.0  # what this step's llama_decode took
         self._thread = threading.Thread(target=self._run, name="ondevice-batch", daemon=True)
         self._thread.start()
 
@@ -462,9 +468,12 @@ class Scheduler:
             return
         t0 = time.perf_counter()
         eng.decode_batch(batch)
+        self._decode_s = dt = time.perf_counter() - t0
         if solo is not None:  # a lone sequence's decode of batch.n tokens: the policy's costs
             assert self.spec is not None
-            self.spec.observe_decode(batch.n, time.perf_counter() - t0)
+            self.spec.observe_decode(batch.n, dt)
+            if self._drafted_s and not solo.draft:  # the draft model declined to draft
+                self.spec.observe_step(1, self._drafted_s + dt)
         self.counters["decode_calls"] += 1
         for s in self.slots:
             if s.job is not None and s.index >= 0:
@@ -485,16 +494,34 @@ class Scheduler:
         """Append a prompt-lookup draft after s's next token, as much as pays (ondevice.speculate);
         without one, remember the lookup's first token as a shadow draft."""
         assert self.spec is not None and s.ngrams is not None and s.job is not None
-        lookup, n = s.ngrams.lookup(speculate.DRAFT_LENGTHS[-1])
         room = min(self.eng.n_ctx - len(s.cached) - 2, self.batch.capacity - self.batch.n)
         if s.job.max_tokens >= 0:
             room = min(room, s.job.max_tokens - len(s.generated) - 1)
+        self._drafted_s = 0.0
+        if self.drafter is not None:
+            self._add_model_draft(s, room)
+            return
+        lookup, n = s.ngrams.lookup(speculate.DRAFT_LENGTHS[-1])
         k = self.spec.length(min(room, len(lookup)), n)
         if k <= 0:
             s.shadow = (lookup[0], n) if lookup else None
             return
         s.draft, s.draft_n, s.shadow = lookup[:k], n, None
         for d in s.draft:
+            self.batch.add(d, len(s.cached), s.seq, True)
+            s.cached.append(d)
+
+    def _add_model_draft(self, s: _Slot, room: int) -> None:
+        """The draft model's draft after s's tokens (ondevice.draft), as long as it pays."""
+        spec, drafter = self.spec, self.drafter
+        assert spec is not None and drafter is not None
+        k = spec.length(min(room, speculate.DRAFT_LENGTHS[-1]), speculate.DRAFT_BUCKET)
+        if k <= 0:
+            return
+        draft, self._drafted_s = drafter.propose(s.cached, k, spec, owner=s.job)
+        spec.observe_drafting(self._drafted_s, len(draft))
+        s.draft, s.draft_n, s.shadow = draft, speculate.DRAFT_BUCKET, None
+        for d in draft:
             self.batch.add(d, len(s.cached), s.seq, True)
             s.cached.append(d)
 
@@ -549,6 +576,10 @@ class Scheduler:
             s.cached.clear()
             if s.job is not None:  # can't happen for a tail; stop rather than run on bad KV
                 self._fail(s, OndeviceError("llama.cpp could not drop a rejected draft"))
+        if self.drafter is not None:
+            self.spec.observe_confidence(self.drafter.buckets, accepted, rejected)
+            self.spec.observe_step(accepted + 1, self._drafted_s + self._decode_s)
+            self.drafter.keep(len(s.cached))
 
     def _take(self, s: _Slot, tok: int) -> bool:
         """A sampled token into the slot's reply; False when it ended the reply."""

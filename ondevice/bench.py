@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ondevice import fit, locate, paths, policy, stats, system
+from ondevice import fit, locate, paths, policy, speculate, stats, system
 from ondevice._native import binding
 from ondevice._native import log as native_log
 from ondevice.errors import DoesNotFit, UsageError
@@ -372,7 +372,9 @@ class _Runner:
         self.machine = machine()
 
     # A fresh model per test, as llama-bench makes a fresh context per test.
-    def load(self, n_ctx: int, threads: int) -> tuple[Any, dict[str, int]]:
+    def load(
+        self, n_ctx: int, threads: int, speculative: str = "auto"
+    ) -> tuple[Any, dict[str, int]]:
         o = self.opts
         with native_log_lines() as lines:
             m = load(
@@ -386,6 +388,7 @@ class _Runner:
                 n_ubatch=o.n_ubatch,
                 kv_type=o.kv_type,
                 tune=False,  # bench measures the settings it was given, not stored tunings
+                speculative=speculative,
             )
         if not self.desc:
             self.desc = m.description
@@ -618,32 +621,34 @@ class _Runner:
         o = self.opts
         assert o.spec_prompt is not None
         n_new = max(o.n_gen, 2)
-        m, bufs = self.load(o.n_ctx or 4096, threads)
+        # A draft model (a path or a store name) is loaded beside the model: mode "draft".
+        by_draft = o.speculative not in speculate.MODES
+        m, bufs = self.load(o.n_ctx or 4096, threads, o.speculative if by_draft else "auto")
+        mode = speculate.DRAFT if by_draft else o.speculative
+        label = f"draft {m.draft.path.name}" if by_draft else o.speculative
         with m:
             tokens = m.tokenize(o.spec_prompt)
             spec, plain, same = [], [], True
             drafted = accepted = 0
             for _ in range(o.reps):
                 runs = {}
-                for mode in ("off", o.speculative):
+                for run in ("off", mode):
                     m.reset()
-                    runs[mode] = m.generate(
-                        tokens, max_tokens=n_new, temperature=0, speculative=mode
-                    )
+                    runs[run] = m.generate(tokens, max_tokens=n_new, temperature=0, speculative=run)
                 plain.append(runs["off"].stats.generation_tps)
-                spec.append(runs[o.speculative].stats.generation_tps)
-                drafted += runs[o.speculative].stats.drafted_tokens
-                accepted += runs[o.speculative].stats.accepted_tokens
-                same = same and runs["off"].text == runs[o.speculative].text
+                spec.append(runs[mode].stats.generation_tps)
+                drafted += runs[mode].stats.drafted_tokens
+                accepted += runs[mode].stats.accepted_tokens
+                same = same and runs["off"].text == runs[mode].text
             speedup = statistics.fmean(spec) / statistics.fmean(plain) if plain else None
             self.record(
                 m, bufs, f"speculative{n_new}", threads, samples=spec, n_prompt=len(tokens),
-                n_gen=n_new, speculative=o.speculative, speedup=speedup, same_text=same,
+                n_gen=n_new, speculative=label, speedup=speedup, same_text=same,
                 acceptance=accepted / drafted if drafted else 0.0,
             )  # fmt: skip
         r = self.records[-1]
         self.progress(
-            f"speculative{n_new} ({o.speculative}) t={threads}: {r.tps_mean:.2f} tok/s, "
+            f"speculative{n_new} ({label}) t={threads}: {r.tps_mean:.2f} tok/s, "
             f"{speedup or 0:.2f}x plain, acceptance {r.acceptance:.0%}"
         )
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ondevice import speculate, stats
 from ondevice._native.engine import Batch, Engine, Sampler
 from ondevice._native.grammar import Grammar
+from ondevice.draft import Drafter
 from ondevice.results import Chunk
 from ondevice.stats import Stats
 
@@ -112,6 +113,7 @@ class Request:
     speculation: speculate.Policy | None = None  # prompt-lookup drafting (ondevice.speculate)
     trigger: Trigger | None = None  # a grammar that starts when its trigger text appears
     batch: Batch | None = None  # for verifying drafts
+    drafter: Drafter | None = None  # a draft model (speculation mode "draft"), else prompt lookup
     # With a repeat penalty the chain's choice must not be accepted before the grammar agrees
     # (the penalty would remember a refused token): apply the grammar first, always.
     grammar_first: bool = False
@@ -251,10 +253,11 @@ def _generate(
 def _generate_speculative(
     eng: Engine, cache: TokenCache, req: Request, st: Stats, t_call: float
 ) -> Iterator[Chunk]:
-    """Like _generate, with prompt-lookup drafts verified in one decode each (the module
-    docstring of ondevice.speculate says when it drafts). Every emitted token is sampled by
-    the request's own chain from the target model's logits at its position, in order, so the
-    text is what plain decoding gives (greedy: equal up to batched kernels' rounding)."""
+    """Like _generate, with drafts (prompt lookup, or a draft model's) verified in one decode
+    each (the module docstring of ondevice.speculate says when it drafts). Every emitted token
+    is sampled by the request's own chain from the target model's logits at its position, in
+    order, so the text is what plain decoding gives (greedy: equal up to batched kernels'
+    rounding)."""
     spec = req.speculation
     assert spec is not None
     index = speculate.NgramIndex(list(req.tokens))
@@ -280,14 +283,21 @@ def _generate_speculative(
             break
         index.append(tok)
         room = min(limit - out.n, eng.n_ctx - len(cached) - 1)
-        lookup, matched = index.lookup(speculate.DRAFT_LENGTHS[-1])
-        k = spec.length(min(room, len(lookup)), matched)
-        draft = lookup[:k]
+        if req.drafter is None:
+            lookup, matched = index.lookup(speculate.DRAFT_LENGTHS[-1])
+            k = spec.length(min(room, len(lookup)), matched)
+            draft = lookup[:k]
+        else:
+            lookup, matched = [], speculate.DRAFT_BUCKET
+            draft = _model_draft(req, cached, tok, room)
         if not draft:
             shadow, shadow_n = (lookup[0] if lookup else -1), matched
             t0 = time.perf_counter()
             eng.decode_one(tok)
-            spec.observe_decode(1, time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            spec.observe_decode(1, dt)
+            if req.drafter is not None and req.drafter.seconds:  # the draft model declined
+                spec.observe_step(1, req.drafter.seconds + dt)
             cached.append(tok)
             tok = -1  # sampled at the top, after the cancel check
             continue
@@ -295,6 +305,19 @@ def _generate_speculative(
         tok, reason, chunks = _verify(eng, cache, req, out, index, tok, draft, matched, limit)
         yield from chunks
     yield out.last(reason, req.max_tokens)
+
+
+def _model_draft(req: Request, cached: list[int], tok: int, room: int) -> list[int]:
+    """The draft model's draft after cached + [tok], as long as the policy says pays."""
+    spec, drafter = req.speculation, req.drafter
+    assert spec is not None and drafter is not None
+    drafter.seconds = 0.0
+    k = spec.length(min(room, speculate.DRAFT_LENGTHS[-1]), speculate.DRAFT_BUCKET)
+    if k <= 0:
+        return []
+    draft, seconds = drafter.propose(cached, k, spec, owner=req, last=tok, cancelled=req.cancelled)
+    spec.observe_drafting(seconds, len(draft))
+    return draft
 
 
 def _emit(eng: Engine, out: _Emitter, tok: int, limit: int) -> str:
@@ -336,7 +359,8 @@ def _verify(
         batch.add(d, p + 1 + j, 0, True)
     t0 = time.perf_counter()
     eng.decode_batch(batch)
-    spec.observe_decode(len(draft) + 1, time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    spec.observe_decode(len(draft) + 1, dt)
     cached.append(tok)
     chunks: list[Chunk] = []
     reason, nxt, accepted, rejected = "", -1, 0, False
@@ -361,6 +385,10 @@ def _verify(
     st.accepted_tokens += accepted
     if not eng.kv_keep(len(cached)):  # positions past what we keep are a rejected draft
         cache.invalidate(eng)
+    if req.drafter is not None:
+        spec.observe_confidence(req.drafter.buckets, accepted, rejected)
+        spec.observe_step(accepted + 1, req.drafter.seconds + dt)
+        req.drafter.keep(len(cached))
     return nxt, reason, chunks
 
 

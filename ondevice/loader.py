@@ -18,18 +18,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ondevice import app, backends, fit, locate, policy, speculate, stats, system, tune_store
+from ondevice import draft as draft_mod
 from ondevice._native import binding
 from ondevice._native.engine import Engine, EngineConfig
-from ondevice.errors import Cancelled, LoadCancelled, ModelLoadError, OndeviceError, UsageError
+from ondevice.errors import (
+    Cancelled,
+    LoadCancelled,
+    ModelLoadError,
+    ModelNotFound,
+    OndeviceError,
+    UsageError,
+)
 from ondevice.gguf_header import GGUFHeader, read_header
 from ondevice.model_check import mmap_aligned
 from ondevice.probe import ensure_safe
@@ -57,7 +66,7 @@ def load(
     no_fallback: bool = False,
     force: bool = False,
     parallel: int = 1,
-    speculative: str = "auto",
+    speculative: str | os.PathLike[str] = "auto",
     omp_passive: bool = True,
     reset_peak_rss: bool = True,
     trust: bool = False,
@@ -91,7 +100,9 @@ def load(
                  memory (otherwise DoesNotFit is raised before llama.cpp allocates anything).
     speculative  "auto" (draft tokens by prompt lookup and verify them in one decode, only
                  while it pays: ondevice.speculate), "lookup" (whenever a lookup matches),
-                 "off"; stream(speculative=...) overrides it per call.
+                 "off"; or a draft model (a .gguf path or a store name: a smaller model
+                 with the same vocabulary, loaded beside this one, ondevice.draft), which
+                 makes "draft" the default; stream(speculative=...) overrides it per call.
     parallel     sequences the context holds at once, each with n_ctx tokens of its own (the
                  KV cache is `parallel` times larger): for batched generation
                  (`Model.generate_many`, `ondevice.batch`, `ondevice serve --parallel`).
@@ -116,10 +127,7 @@ def load(
                  takes this process, and everything in it, down with it.
     """
     t0 = time.perf_counter()
-    if speculative not in speculate.MODES:
-        raise UsageError(
-            f"speculative must be one of {', '.join(speculate.MODES)}, not {speculative!r}"
-        )
+    draft_ref = _draft_ref(speculative)
     if omp_passive:
         policy.set_omp_wait()
     path = locate.resolve(model)
@@ -147,8 +155,77 @@ def load(
     if plan.placement.on_gpu:
         _warm_up(eng)
     m = _model(path, header, eng, plan, time.perf_counter() - t0)
-    m.speculative = speculative
+    m.speculative = str(speculative)
+    if draft_ref is not None:
+        try:
+            _attach_draft(m, draft_ref, backend, gpu_layers, tune, no_fallback, force, trust)
+        except BaseException:
+            m.close()
+            raise
+        m.load_s = time.perf_counter() - t0
     return m
+
+
+def _draft_ref(speculative: Any) -> str | os.PathLike[str] | None:
+    """The draft model `speculative` names, or None for one of prompt lookup's modes."""
+    if isinstance(speculative, str) and speculative in speculate.MODES:
+        return None
+    if isinstance(speculative, os.PathLike) or (
+        isinstance(speculative, str) and speculative and speculative != speculate.DRAFT
+    ):
+        return speculative
+    raise UsageError(
+        f"speculative must be one of {', '.join(speculate.MODES)} or a draft model's path, "
+        f"not {speculative!r}"
+    )
+
+
+def _attach_draft(
+    m: Model,
+    ref: str | os.PathLike[str],
+    backend: str,
+    gpu_layers: int | str,
+    tune: bool | str,
+    no_fallback: bool,
+    force: bool,
+    trust: bool,
+) -> None:
+    """Load the draft model beside `m` (its context as long as one of m's sequences, the same
+    threads and device), check that it shares m's vocabulary, and make "draft" the default."""
+    eng = m._live_engine()
+    with _about_the_draft():
+        draft_path = locate.resolve(ref)
+        tokens = read_header(draft_path).metadata.get("tokenizer.ggml.tokens") or []
+    target_tokens = m.header.metadata.get("tokenizer.ggml.tokens") or []
+    draft_mod.check_vocab_tables(target_tokens, tokens, draft_path.name)  # before its weights
+    with _about_the_draft():
+        draft = load(
+            draft_path, backend=backend, n_ctx=eng.n_ctx, threads=m.threads, gpu_layers=gpu_layers,
+            tune=tune, no_fallback=no_fallback, force=force, trust=trust,
+            speculative="off", omp_passive=False, reset_peak_rss=False,
+        )  # fmt: skip
+    try:
+        draft_mod.check_compatible(eng, draft._live_engine(), draft.path.name)
+    except BaseException:
+        draft.close()
+        raise
+    m.draft, m._drafter = draft, draft_mod.Drafter(draft._live_engine())
+    m.speculative = speculate.DRAFT
+    m.notes.append(f"speculative decoding drafts with {draft.path.name}")
+    log.info("draft model %s loaded beside %s", draft.path.name, m.path.name)
+
+
+@contextlib.contextmanager
+def _about_the_draft() -> Iterator[None]:
+    """An error loading the draft model, saying it is about the draft, not the model."""
+    try:
+        yield
+    except OndeviceError as exc:
+        exc.message = f"the draft model: {exc.message}"
+        if isinstance(exc, ModelNotFound):  # perhaps a mode misspelt
+            exc.hint = f"{exc.hint or ''}; speculative is auto, lookup, off or a draft model"
+        exc.args = (f"{exc.message} ({exc.hint})" if exc.hint else exc.message,)
+        raise
 
 
 @dataclass

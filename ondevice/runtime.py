@@ -32,6 +32,7 @@ from ondevice import app, batch, constrain, conversation, speculate
 from ondevice._native.engine import Batch, Engine, EngineConfig, Sampler
 from ondevice._native.grammar import Grammar
 from ondevice._native.log import offloaded_layers
+from ondevice.draft import Drafter
 from ondevice.errors import ContextOverflow, ModelClosed, UsageError
 from ondevice.generation import Request, TokenCache, Trigger, stream_tokens
 from ondevice.gguf_header import GGUFHeader
@@ -100,6 +101,9 @@ class Model:
         self.speculative = "auto"  # the load's default for stream(speculative=None)
         self._policies: dict[str, speculate.Policy] = {}
         self._spec_batch: Batch | None = None
+        # The draft model of speculative="draft" (load(speculative="x.gguf")), owned by this one.
+        self.draft: Model | None = None
+        self._drafter: Drafter | None = None
 
     # --- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -110,6 +114,8 @@ class Model:
         without closing it), the memory is freed when that stream is closed or garbage-
         collected, so close() never blocks on it for more than a moment.
         """
+        if self.draft is not None:
+            self.draft.close()
         if self._engine is None:
             return
         self._closing = True
@@ -326,7 +332,9 @@ class Model:
 
         `speculative` ("auto", "lookup", "off"; default: the load's) drafts tokens by prompt
         lookup and verifies them in one batched decode (ondevice.speculate): the same text,
-        faster where the reply repeats spans of the prompt. Not combined with a grammar.
+        faster where the reply repeats spans of the prompt. "draft" drafts with the draft
+        model the load was given (load(speculative="x.gguf"), ondevice.draft). Not combined
+        with a grammar.
 
         `lazy_grammar=(trigger, gbnf)`: free text until `trigger` appears (tool calls: the
         format's opening tag), then the GBNF, which starts with the trigger, constrains the
@@ -401,6 +409,8 @@ class Model:
                 if self._spec_batch is None:
                     self._spec_batch = Batch(speculate.DRAFT_LENGTHS[-1] + 1)
                 req.speculation, req.batch = spec, self._spec_batch
+                if spec.mode == speculate.DRAFT:
+                    req.drafter = self._drafter
             if constraint is not None and constraint.trigger:
                 grammar = Grammar(eng.vocab, self.n_vocab, constraint.gbnf)
                 req.trigger = Trigger(constraint.trigger, grammar, constraint.trigger_end)
@@ -425,12 +435,21 @@ class Model:
         # iterating once it has the stats doesn't keep the model locked.
         yield final
 
-    def _speculation(self, mode: str) -> speculate.Policy | None:
+    def _speculation(self, mode: Any) -> speculate.Policy | None:
         """The drafting policy for `mode` (kept across calls: it carries the measured decode
-        costs and recent acceptance), or None for "off"."""
-        if mode not in speculate.MODES:
+        costs and recent acceptance), or None for "off". "draft" (or the draft model's own
+        path) needs a model loaded with one."""
+        if self.draft is not None and mode in (str(self.draft.path), self.draft.path):
+            mode = speculate.DRAFT
+        if mode == speculate.DRAFT and self._drafter is None:
             raise UsageError(
-                f"speculative must be one of {', '.join(speculate.MODES)}, not {mode!r}"
+                "speculative='draft' needs a draft model: load(model, speculative='draft.gguf')"
+            )
+        if mode not in (*speculate.MODES, speculate.DRAFT):
+            extra = ", draft" if self.draft is not None else ""
+            raise UsageError(
+                f"speculative must be one of {', '.join(speculate.MODES)}{extra}, not {mode!r}",
+                hint="a draft model is chosen when loading: load(model, speculative='x.gguf')",
             )
         if mode == "off":
             return None

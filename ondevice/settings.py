@@ -234,11 +234,12 @@ LOAD: dict[str, Setting] = _table(
         "Prompt tokens per compute pass [default: 512].", nullable=True,
     ),
     Setting(
-        "speculative", str, "auto", lambda v: v in ("auto", "lookup", "off"),
-        "auto, lookup or off",
-        "Speculative decoding by prompt lookup: auto (only while it pays), lookup (always "
-        "when a lookup matches) or off.", ("--speculative",),
-        choices=("auto", "lookup", "off"),
+        "speculative", str, "auto", lambda v: bool(v.strip()),
+        "auto, lookup, off or a draft model",
+        "Speculative decoding: by prompt lookup, auto (only while it pays), lookup (always "
+        "when a lookup matches) or off; or by a draft model (a .gguf path or a store name: a "
+        "smaller model with the same vocabulary, drafting only while it pays).",
+        ("--speculative",),
     ),
     Setting(
         "repack", bool, None, lambda v: True, "on or off",

@@ -30,13 +30,33 @@ k would not beat plain decoding, so open-ended text (where lookups rarely match)
 nothing. While it decodes plainly, `auto` still measures acceptance for free: the lookup's
 first token is compared with the token the model then samples (a "shadow draft"), so
 drafting resumes as soon as the text turns repetitive, without paying for probe drafts.
+
+Mode "draft" drafts with a second model (ondevice.draft) instead of prompt lookup. Its drafts
+are not free: each drafted token costs one decode of the draft model, measured (seconds per
+drafted token, a moving average) and added to the price of the pass. It backs off like `auto`;
+as there is no free shadow draft to tell when drafting would pay again, it probes with a real
+draft after PROBE_EVERY plain decodes, and waits twice as long after each probe that did
+not pay. It compares tokens per second, measured: those of the recent steps that drafted
+against a plain decode's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("auto", "lookup", "off")
+MODES = ("auto", "lookup", "off")  # prompt lookup's modes; "draft" comes with a draft model
+DRAFT = "draft"
+DRAFT_BUCKET = 4  # a draft model's drafts follow no n-gram: one acceptance estimate for all
+PRIOR_DRAFT_COST = 0.5  # a drafted token's cost in plain decodes of the target, until measured
+PROBE_EVERY = 8  # "draft" mode: plain decodes before drafting again to re-measure; the wait
+PROBE_MAX = 256  # doubles after each probe that did not pay, up to this
+STEP_DECAY = 0.1  # "draft" mode: per step, for the tokens/s of steps that draft
+# A draft model's confidence in its token (its probability) sorts drafted tokens into buckets,
+# each with its own acceptance: the draft goes on while the next token is worth its cost.
+CONFIDENCE = (0.9, 0.75, 0.5, 0.3, 0.15, 0.0)
+# Their acceptance until measured: optimistic, so that every bucket gets tried (one never
+# drafted from is never measured); a few refusals bring an estimate down.
+PRIOR_CONFIDENT = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
 NGRAM_MAX = 4  # longest n-gram looked up (llama.cpp's lookup uses up to 4 too)
 NGRAM_MIN = 1
 DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -116,6 +136,14 @@ class Policy:
     line: tuple[float, float] | None = None  # (intercept, slope) of the fit, once it has one
     drafted: int = 0
     accepted: int = 0
+    draft_cost: float | None = None  # seconds per drafted token (mode "draft"), EWMA
+    # mode "draft": confidence bucket -> [accepted, tested] (decaying, prior included)
+    confident: list[list[float]] = field(
+        default_factory=lambda: [[a * PRIOR_TRIALS, PRIOR_TRIALS] for a in PRIOR_CONFIDENT]
+    )
+    steps: list[float] = field(default_factory=lambda: [0.0, 0.0])  # draft: tokens, seconds
+    skipped: int = 0  # plain decodes since the last draft (mode "draft")
+    probe_wait: int = PROBE_EVERY  # plain decodes between probes while drafting does not pay
 
     def acceptance(self, n: int = NGRAM_MAX) -> float:
         """P(a drafted token is accepted | the ones before it were), for drafts that follow
@@ -166,6 +194,61 @@ class Policy:
                 f[i] = f[i] * (1.0 - FIT_DECAY) + v
             self.line = self._fit_line()
 
+    def observe_drafting(self, seconds: float, n_tokens: int) -> None:
+        """A draft model took `seconds` to draft `n_tokens` (0: it was unsure of the first,
+        which still cost one of its decodes)."""
+        per = seconds / max(n_tokens, 1)
+        old = self.draft_cost
+        self.draft_cost = per if old is None else old + EWMA * (per - old)
+
+    @staticmethod
+    def bucket(p: float) -> int:
+        """The confidence bucket of a drafted token the draft model gave probability p."""
+        for i, floor in enumerate(CONFIDENCE):
+            if p >= floor:
+                return i
+        return len(CONFIDENCE) - 1
+
+    def confident_acceptance(self, bucket: int) -> float:
+        hit, tested = self.confident[bucket]
+        return hit / tested
+
+    def worth_drafting(self, chance: float) -> bool:
+        """Draft one more token that will be accepted with probability `chance` (it and every
+        token before it)? It saves a plain decode when accepted, and costs a decode of the
+        draft model plus one more token in the verifying batch."""
+        one = self.seconds(1)
+        extra = self.line[1] if self.line is not None else PRIOR_COST_SLOPE * one
+        return chance * one > self.drafting_seconds(1) + extra
+
+    def observe_confidence(self, buckets: list[int], accepted: int, rejected: bool) -> None:
+        """A verified draft model's draft: its tokens' buckets, the first `accepted` taken."""
+        for j, b in enumerate(buckets[: accepted + int(rejected)]):
+            c = self.confident[b]
+            c[0] = c[0] * (1.0 - EWMA) + (j < accepted)
+            c[1] = c[1] * (1.0 - EWMA) + 1
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """Mode "draft": a step that drafted (or tried to) gave `tokens` in `seconds`, drafting
+        and verifying (or the plain decode after an empty draft) included."""
+        s = self.steps  # decaying sums: a ratio of sums, steadier than an average of ratios
+        s[0] = s[0] * (1.0 - STEP_DECAY) + tokens
+        s[1] = s[1] * (1.0 - STEP_DECAY) + seconds
+
+    @property
+    def step_rate(self) -> float | None:
+        """Tokens per second of the recent steps that drafted (None before one did)."""
+        tokens, seconds = self.steps
+        return tokens / seconds if seconds > 0 else None
+
+    def drafting_seconds(self, k: int) -> float:
+        """What drafting k tokens costs: nothing for prompt lookup."""
+        if self.mode != DRAFT:
+            return 0.0
+        if self.draft_cost is None:
+            return k * PRIOR_DRAFT_COST * self.seconds(1)
+        return k * self.draft_cost
+
     def observe_draft(
         self, drafted: int, accepted: int, n: int = NGRAM_MAX, rejected: bool | None = None
     ) -> None:
@@ -195,13 +278,15 @@ class Policy:
         a = self.acceptance(n)
         # 1 + a + ... + a^k, in closed form (asked for every draft length, every token)
         expected = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
-        return expected * self.seconds(1) / self.seconds(k + 1)
+        return expected * self.seconds(1) / (self.seconds(k + 1) + self.drafting_seconds(k))
 
     def length(self, available: int, n: int = NGRAM_MAX) -> int:
         """How many of the `available` lookup tokens (following a matched n-gram of length
         n) to draft now (0: decode plainly)."""
         if self.mode == "off" or available <= 0:
             return 0
+        if self.mode == DRAFT:
+            return self._draft_length(available)
         options = [k for k in DRAFT_LENGTHS if k <= available] or [available]
         best = max(options, key=lambda k: self.speedup(k, n))
         if self.mode == "lookup":
@@ -209,3 +294,21 @@ class Policy:
         if 1 not in self.cost:  # time one plain decode first: the yardstick for every k
             return 0
         return best if self.speedup(best, n) >= PAY_MARGIN else 0
+
+    def _draft_length(self, available: int) -> int:
+        """Mode "draft": draft (up to `available`; the draft itself stops when the next token
+        is not worth it) while steps that draft give more tokens per second than plain
+        decodes; else decode plainly, and try again every PROBE_EVERY tokens."""
+        k = min(available, DRAFT_LENGTHS[-1])
+        one = self.cost.get(1)
+        if one is None:  # time one plain decode first: the yardstick
+            return 0
+        rate = self.step_rate
+        if rate is None or rate * one >= 1.0:
+            self.skipped, self.probe_wait = 0, PROBE_EVERY
+            return k
+        self.skipped += 1
+        if self.skipped >= self.probe_wait:  # probe; if it still doesn't pay, wait longer
+            self.skipped, self.probe_wait = 0, min(2 * self.probe_wait, PROBE_MAX)
+            return k
+        return 0

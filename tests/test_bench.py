@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
 from ondevice import bench, fit, policy, system
 from ondevice.cli import bench as cli_bench
@@ -239,3 +240,19 @@ def test_speculative_test_on_a_prompt_file(demo_path):
     assert 0 <= rec.acceptance <= 1 and rec.same_text in (True, False)
     line = cli_bench.FORMATS["md"]([rec])
     assert "x plain decoding" in line and "acceptance" in line
+
+
+def test_speculative_test_with_a_draft_model(demo_f16_path, demo_path):
+    """`bench --speculative DRAFT`: the draft is loaded beside the model and the test reports
+    it by name; `--speculative off` is refused (it is what the test compares with)."""
+    opts = bench.BenchOptions(
+        n_prompt=0, n_gen=24, reps=1, threads=[2], extras=False,
+        spec_prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,", speculative=str(demo_path),
+    )  # fmt: skip
+    (rec,) = [r for r in bench.run_bench(demo_f16_path, opts) if r.test.startswith("speculative")]
+    assert rec.speculative == f"draft {demo_path.name}"
+    assert rec.tps_mean > 0 and rec.speedup is not None and 0 < rec.acceptance <= 1
+    r = CliRunner().invoke(
+        cli_bench.bench, [str(demo_path), "--speculative", "off", "--speculative-prompt", __file__]
+    )
+    assert r.exit_code == 2 and "off is what it compares with" in r.output

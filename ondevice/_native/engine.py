@@ -419,6 +419,14 @@ class Engine:
         ptr = self._L.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
+    def top(self, index: int = -1) -> tuple[int, float]:
+        """The most likely next token at batch position `index` of the last decode, and its
+        probability (softmax of the logits, read in place: nothing is copied out). For a
+        draft model, which proposes its greedy choice and stops when it is unsure."""
+        logits = self.logits_at(index)
+        best = int(logits.argmax())
+        return best, 1.0 / float(np.exp(logits - logits[best]).sum())
+
     def logits_last(self) -> np.ndarray:
         """Logits of the last evaluated token (a copy)."""
         ptr = self._L.llama_get_logits_ith(self.ctx, -1)

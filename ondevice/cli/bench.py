@@ -236,6 +236,12 @@ _PROFILE_HELP = "; ".join(
 )
 
 
+def _speculative_mode(value: str) -> str:
+    if value == "off" or not value.strip():
+        raise click.BadParameter("auto, lookup or a draft model (off is what it compares with)")
+    return value
+
+
 @click.command(context_settings={"show_default": True})
 @click.argument("model", required=False)
 @click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, help="pp tokens.")
@@ -297,10 +303,12 @@ _PROFILE_HELP = "; ".join(
 )
 @click.option(
     "--speculative",
-    type=click.Choice(["auto", "lookup"]),
+    metavar="auto|lookup|DRAFT",
     default="auto",
     show_default=True,
-    help="The mode the speculative test measures.",
+    callback=lambda ctx, param, v: _speculative_mode(v),
+    help="What the speculative test measures: prompt lookup (auto, lookup) or a draft model "
+    "(a .gguf path or a store name) loaded beside MODEL.",
 )
 @click.option("--seed", type=int, default=42, help="Random token ids and sampling seed.")
 def bench(

@@ -94,7 +94,7 @@ def load_options(
         ),
         _option(
             LOAD["speculative"],
-            type=click.Choice(LOAD["speculative"].choices),
+            metavar="auto|lookup|off|DRAFT",
             default=speculative,
             show_default=True,
             help=LOAD["speculative"].help + speculative_help,
