@@ -129,6 +129,7 @@ def run_ondevice(m, text: str, mode: str) -> dict:
     return {
         "tokens": tokens,
         "tps": final.generation_tps,
+        "ttft": final.ttft_s,
         "n": final.completion_tokens,
         "drafted": final.drafted_tokens,
         "accepted": final.accepted_tokens,

@@ -199,7 +199,8 @@ class Scheduler:
     ) -> None:
         mode = getattr(model, "speculative", "off") if speculative is None else speculative
         drafter = getattr(model, "_drafter", None)
-        if mode not in speculate.MODES and not (mode == speculate.DRAFT and drafter is not None):
+        by_draft = mode in speculate.DRAFT_MODES and drafter is not None
+        if mode not in speculate.MODES and not by_draft:
             # before the model is taken: nothing to give back
             extra = ", draft (with a draft model loaded)"
             raise UsageError(f"speculative must be one of {', '.join(speculate.MODES)}{extra}")
@@ -219,7 +220,7 @@ class Scheduler:
         # Drafting is for a lone sequence: with several generating, the batch already fills
         # the pass over the weights (llama.cpp measured lookup slowing down at 4+ slots).
         self.spec = speculate.Policy(mode) if mode != "off" else None
-        self.drafter = drafter if mode == speculate.DRAFT else None  # else prompt lookup
+        self.drafter = drafter if by_draft else None  # else prompt lookup
         self._drafted_s = 0.0  # what this step's draft model draft took
         self._decode_s = 0.0  # what this step's llama_decode took
         self._thread = threading.Thread(target=self._run, name="ondevice-batch", daemon=True)

@@ -134,7 +134,7 @@ class Drafter:
             tok, p = eng.top()
             b = policy.bucket(p)
             chance *= policy.confident_acceptance(b)
-            if not policy.worth_drafting(chance):
+            if not policy.worth_drafting(chance, len(out)):
                 break
             out.append(tok)
             buckets.append(b)
@@ -144,6 +144,28 @@ class Drafter:
             held.append(tok)
         self.seconds = time.perf_counter() - t0
         return out, self.seconds
+
+    def prefill(
+        self, context: Sequence[int], *, owner: object, cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        """Evaluate `context` (a prompt the target just evaluated) in the draft's cache now,
+        so that the reply's first draft doesn't stall on it. A cancel stops it, and the
+        draft's cache is then forgotten (what it holds is unknown)."""
+        if owner is not self.owner:
+            self._resync(context)
+            self.owner = owner
+        missing = list(context[len(self.tokens) :])
+        if not missing or len(context) >= self.eng.n_ctx:
+            return
+        try:
+            done = self.eng.decode(missing, should_stop=cancelled)
+        except BaseException:
+            self.reset()
+            raise
+        if not done:
+            self.reset()
+            return
+        self.tokens.extend(missing)
 
     def keep(self, n_tokens: int) -> None:
         """The target kept only its first n_tokens: drop what the draft holds past them."""

@@ -264,6 +264,10 @@ def _generate_speculative(
     out = _Emitter(req.stops, st, t_call)
     limit = _limit(eng, cache, req)
     cached = cache.tokens
+    if req.drafter is not None and spec.drafting():
+        # The prompt into the draft model's cache too, as part of the prompt's time (TTFT):
+        # caught up at the first draft instead, it would stall the reply's second token.
+        req.drafter.prefill(cached, owner=req, cancelled=req.cancelled)
     reason = "length" if limit <= 0 else ""
     tok = shadow = -1
     shadow_n = 0

@@ -171,7 +171,7 @@ def _draft_ref(speculative: Any) -> str | os.PathLike[str] | None:
     if isinstance(speculative, str) and speculative in speculate.MODES:
         return None
     if isinstance(speculative, os.PathLike) or (
-        isinstance(speculative, str) and speculative and speculative != speculate.DRAFT
+        isinstance(speculative, str) and speculative and speculative not in speculate.DRAFT_MODES
     ):
         return speculative
     raise UsageError(

@@ -333,8 +333,8 @@ class Model:
         `speculative` ("auto", "lookup", "off"; default: the load's) drafts tokens by prompt
         lookup and verifies them in one batched decode (ondevice.speculate): the same text,
         faster where the reply repeats spans of the prompt. "draft" drafts with the draft
-        model the load was given (load(speculative="x.gguf"), ondevice.draft). Not combined
-        with a grammar.
+        model the load was given (load(speculative="x.gguf"), ondevice.draft) while that
+        pays, "draft-always" at every step. Not combined with a grammar.
 
         `lazy_grammar=(trigger, gbnf)`: free text until `trigger` appears (tool calls: the
         format's opening tag), then the GBNF, which starts with the trigger, constrains the
@@ -409,7 +409,7 @@ class Model:
                 if self._spec_batch is None:
                     self._spec_batch = Batch(speculate.DRAFT_LENGTHS[-1] + 1)
                 req.speculation, req.batch = spec, self._spec_batch
-                if spec.mode == speculate.DRAFT:
+                if spec.mode in speculate.DRAFT_MODES:
                     req.drafter = self._drafter
             if constraint is not None and constraint.trigger:
                 grammar = Grammar(eng.vocab, self.n_vocab, constraint.gbnf)
@@ -441,12 +441,12 @@ class Model:
         path) needs a model loaded with one."""
         if self.draft is not None and mode in (str(self.draft.path), self.draft.path):
             mode = speculate.DRAFT
-        if mode == speculate.DRAFT and self._drafter is None:
+        if mode in speculate.DRAFT_MODES and self._drafter is None:
             raise UsageError(
-                "speculative='draft' needs a draft model: load(model, speculative='draft.gguf')"
+                f"speculative={mode!r} needs a draft model: load(model, speculative='draft.gguf')"
             )
-        if mode not in (*speculate.MODES, speculate.DRAFT):
-            extra = ", draft" if self.draft is not None else ""
+        if mode not in (*speculate.MODES, *speculate.DRAFT_MODES):
+            extra = ", draft, draft-always" if self.draft is not None else ""
             raise UsageError(
                 f"speculative must be one of {', '.join(speculate.MODES)}{extra}, not {mode!r}",
                 hint="a draft model is chosen when loading: load(model, speculative='x.gguf')",

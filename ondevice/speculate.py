@@ -37,7 +37,8 @@ drafted token, a moving average) and added to the price of the pass. It backs of
 as there is no free shadow draft to tell when drafting would pay again, it probes with a real
 draft after PROBE_EVERY plain decodes, and waits twice as long after each probe that did
 not pay. It compares tokens per second, measured: those of the recent steps that drafted
-against a plain decode's.
+against a plain decode's, and while drafting it still decodes one step in PLAIN_EVERY plainly:
+on a shared CPU whose speed drifts, a plain decode timed long ago is no yardstick.
 """
 
 from __future__ import annotations
@@ -46,11 +47,17 @@ from dataclasses import dataclass, field
 
 MODES = ("auto", "lookup", "off")  # prompt lookup's modes; "draft" comes with a draft model
 DRAFT = "draft"
+# A draft model at every step, each draft going on while the measured chance that its next
+# token is accepted stays >= ALWAYS_CHANCE, costs aside (llama.cpp's way with a draft model).
+DRAFT_ALWAYS = "draft-always"
+DRAFT_MODES = (DRAFT, DRAFT_ALWAYS)
+ALWAYS_CHANCE = 0.5
 DRAFT_BUCKET = 4  # a draft model's drafts follow no n-gram: one acceptance estimate for all
 PRIOR_DRAFT_COST = 0.5  # a drafted token's cost in plain decodes of the target, until measured
 PROBE_EVERY = 8  # "draft" mode: plain decodes before drafting again to re-measure; the wait
 PROBE_MAX = 256  # doubles after each probe that did not pay, up to this
 STEP_DECAY = 0.1  # "draft" mode: per step, for the tokens/s of steps that draft
+PLAIN_EVERY = 16  # "draft" mode, while drafting: one plain decode in this many, to re-time it
 # A draft model's confidence in its token (its probability) sorts drafted tokens into buckets,
 # each with its own acceptance: the draft goes on while the next token is worth its cost.
 CONFIDENCE = (0.9, 0.75, 0.5, 0.3, 0.15, 0.0)
@@ -144,6 +151,7 @@ class Policy:
     steps: list[float] = field(default_factory=lambda: [0.0, 0.0])  # draft: tokens, seconds
     skipped: int = 0  # plain decodes since the last draft (mode "draft")
     probe_wait: int = PROBE_EVERY  # plain decodes between probes while drafting does not pay
+    since_plain: int = 0  # steps since the last plain decode (mode "draft")
 
     def acceptance(self, n: int = NGRAM_MAX) -> float:
         """P(a drafted token is accepted | the ones before it were), for drafts that follow
@@ -213,12 +221,16 @@ class Policy:
         hit, tested = self.confident[bucket]
         return hit / tested
 
-    def worth_drafting(self, chance: float) -> bool:
+    def worth_drafting(self, chance: float, position: int = 0) -> bool:
         """Draft one more token that will be accepted with probability `chance` (it and every
         token before it)? It saves a plain decode when accepted, and costs a decode of the
         draft model plus one more token in the verifying batch."""
+        if self.mode == DRAFT_ALWAYS:
+            return chance >= ALWAYS_CHANCE
         one = self.seconds(1)
-        extra = self.line[1] if self.line is not None else PRIOR_COST_SLOPE * one
+        # Its place in the verifying batch: the first drafted token turns a plain decode
+        # into a batched one (c(2) - c(1), the largest step on a CPU), later ones add a slope.
+        extra = self.seconds(position + 2) - self.seconds(position + 1)
         return chance * one > self.drafting_seconds(1) + extra
 
     def observe_confidence(self, buckets: list[int], accepted: int, rejected: bool) -> None:
@@ -243,7 +255,7 @@ class Policy:
 
     def drafting_seconds(self, k: int) -> float:
         """What drafting k tokens costs: nothing for prompt lookup."""
-        if self.mode != DRAFT:
+        if self.mode not in DRAFT_MODES:
             return 0.0
         if self.draft_cost is None:
             return k * PRIOR_DRAFT_COST * self.seconds(1)
@@ -285,6 +297,8 @@ class Policy:
         n) to draft now (0: decode plainly)."""
         if self.mode == "off" or available <= 0:
             return 0
+        if self.mode == DRAFT_ALWAYS:
+            return min(available, DRAFT_LENGTHS[-1])
         if self.mode == DRAFT:
             return self._draft_length(available)
         options = [k for k in DRAFT_LENGTHS if k <= available] or [available]
@@ -294,6 +308,11 @@ class Policy:
         if 1 not in self.cost:  # time one plain decode first: the yardstick for every k
             return 0
         return best if self.speedup(best, n) >= PAY_MARGIN else 0
+
+    def drafting(self) -> bool:
+        """Mode "draft": does drafting pay now (or is it still to be measured)?"""
+        rate, one = self.step_rate, self.cost.get(1)
+        return self.mode == DRAFT_ALWAYS or rate is None or one is None or rate * one >= 1.0
 
     def _draft_length(self, available: int) -> int:
         """Mode "draft": draft (up to `available`; the draft itself stops when the next token
@@ -306,6 +325,10 @@ class Policy:
         rate = self.step_rate
         if rate is None or rate * one >= 1.0:
             self.skipped, self.probe_wait = 0, PROBE_EVERY
+            self.since_plain += 1
+            if self.since_plain >= PLAIN_EVERY:  # the yardstick goes stale on a shared CPU
+                self.since_plain = 0
+                return 0
             return k
         self.skipped += 1
         if self.skipped >= self.probe_wait:  # probe; if it still doesn't pay, wait longer

@@ -125,8 +125,9 @@ class Stats:
       grammar_compile_s   seconds to turn the schema into a grammar (0 when cached).
       grammar_resamples   tokens the chain chose that the grammar refused, so the chain chose
                           again among the allowed ones (the cost of the constraint).
-    Speculative decoding (speculative="auto"/"lookup"):
-      drafted_tokens      tokens drafted by prompt lookup and verified in batched decodes.
+    Speculative decoding (speculative="auto"/"lookup", or "draft" with a draft model):
+      drafted_tokens      tokens drafted (by prompt lookup or the draft model) and verified
+                          in batched decodes.
       accepted_tokens     of those, the ones the model's own sampling agreed with (each saved
                           one decode); `acceptance` is their ratio.
     """

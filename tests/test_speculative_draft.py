@@ -18,6 +18,7 @@ from test_speculative import NEAR_TIE, PROMPTS, first_divergence
 
 import ondevice
 from ondevice import speculate
+from ondevice.batch import Scheduler
 from ondevice.draft import Drafter
 from ondevice.errors import ModelNotFound, UsageError
 
@@ -35,8 +36,10 @@ def test_load_attaches_the_draft_and_defaults_to_it(target, demo_path):
     assert target.draft is not None and target.draft.path == demo_path
     assert target.draft.n_ctx >= target.n_ctx  # its cache can follow every position
     assert any("drafts with" in n for n in target.notes)
-    r = target.generate(COUNTING, max_tokens=24, temperature=0)
+    r = target.generate(COUNTING, max_tokens=24, temperature=0, speculative="draft-always")
     assert r.stats.drafted_tokens > 0 and r.stats.accepted_tokens > 0
+    with Scheduler(target) as sched:  # the model's default mode: its draft, while it pays
+        assert sched.drafter is target._drafter and sched.spec.mode == "draft"
 
 
 def test_greedy_text_equals_plain_decoding_up_to_near_ties(target):
@@ -45,7 +48,7 @@ def test_greedy_text_equals_plain_decoding_up_to_near_ties(target):
         target.reset()
         plain = target.generate(prompt, max_tokens=48, temperature=0, speculative="off")
         target.reset()
-        spec = target.generate(prompt, max_tokens=48, temperature=0, speculative="draft")
+        spec = target.generate(prompt, max_tokens=48, temperature=0, speculative="draft-always")
         drafted += spec.stats.drafted_tokens
         where = first_divergence(target, prompt, plain.tokens, spec.tokens)
         if where is not None:
@@ -60,7 +63,7 @@ def test_sampling_distribution_is_unchanged(target):
     """At temperature 1, tokens drawn at drafted positions have the distribution plain
     sampling gives them (total variation over 120 seeds)."""
     counts = {}
-    for mode in ("off", "draft"):
+    for mode in ("off", "draft-always"):
         c = collections.Counter()
         for seed in range(120):
             r = target.generate(
@@ -68,8 +71,8 @@ def test_sampling_distribution_is_unchanged(target):
             )
             c[tuple(r.tokens[1:4])] += 1
         counts[mode] = c
-    keys = set(counts["off"]) | set(counts["draft"])
-    tv = 0.5 * sum(abs(counts["off"][k] - counts["draft"][k]) / 120 for k in keys)
+    keys = set(counts["off"]) | set(counts["draft-always"])
+    tv = 0.5 * sum(abs(counts["off"][k] - counts["draft-always"][k]) / 120 for k in keys)
     assert tv <= 0.1, tv
 
 
@@ -77,14 +80,14 @@ def test_both_caches_stay_consistent_across_turns(target):
     """After a reply with drafts, a follow-up reuses the target's cached prefix, the draft's
     cache holds a prefix of the target's, and the follow-up equals a fresh run."""
     target.reset()
-    first = target.generate(PROMPTS[0], max_tokens=40, temperature=0)
+    first = target.generate(PROMPTS[0], max_tokens=40, temperature=0, speculative="draft-always")
     assert first.stats.drafted_tokens > 0
     drafter = target._drafter
     cached = target._cache.tokens
     assert drafter.tokens == cached[: len(drafter.tokens)]
     assert drafter.eng.kv_used() == len(drafter.tokens)
     follow = PROMPTS[0] + first.text + "\nNow count: 1, 2, 3,"
-    reused = target.generate(follow, max_tokens=24, temperature=0)
+    reused = target.generate(follow, max_tokens=24, temperature=0, speculative="draft-always")
     assert reused.stats.prompt_eval_tokens < reused.stats.prompt_tokens
     target.reset()
     fresh = target.generate(follow, max_tokens=24, temperature=0, speculative="off")
@@ -96,7 +99,9 @@ def test_cancel_mid_draft(target):
     target.reset()
     cancel = threading.Event()
     chunks = []
-    for chunk in target.stream(COUNTING, max_tokens=300, temperature=0, cancel=cancel):
+    for chunk in target.stream(
+        COUNTING, max_tokens=300, temperature=0, cancel=cancel, speculative="draft-always"
+    ):
         chunks.append(chunk)
         if sum(len(c.tokens) for c in chunks) >= 3:
             cancel.set()
@@ -109,20 +114,22 @@ def test_stop_string_inside_a_draft(target):
     target.reset()
     free = target.generate(COUNTING, max_tokens=30, temperature=0, speculative="off")
     assert " 15," in free.text, free.text
-    got = target.generate(COUNTING, max_tokens=30, temperature=0, stop=[" 15,"])
+    got = target.generate(
+        COUNTING, max_tokens=30, temperature=0, stop=[" 15,"], speculative="draft-always"
+    )
+    assert got.stats.drafted_tokens > 0
     assert got.finish_reason == "stop"
     assert got.text == free.text[: free.text.index(" 15,")]
 
 
 def test_the_scheduler_drafts_with_the_draft_model_for_a_lone_job(target):
-    from ondevice.batch import Scheduler
 
     prompts = [COUNTING, PROMPTS[1]]
     plain = []
     for prompt in prompts:
         target.reset()
         plain.append(target.generate(prompt, max_tokens=40, temperature=0, speculative="off"))
-    with Scheduler(target) as sched:  # the model's default: its draft
+    with Scheduler(target, speculative="draft-always") as sched:
         assert sched.drafter is target._drafter
         got = [
             sched.submit(target.tokenize(p), max_tokens=40, temperature=0).wait(120)
@@ -140,6 +147,7 @@ def test_per_call_modes(target, demo_path):
     target.reset()
     lookup = target.generate(PROMPTS[1], max_tokens=24, temperature=0, speculative="lookup")
     assert lookup.stats.drafted_tokens > 0  # prompt lookup, though a draft model is loaded
+    target._policies.pop("draft", None)  # a fresh policy: drafts until it has measured
     by_path = target.generate(COUNTING, max_tokens=16, temperature=0, speculative=str(demo_path))
     assert by_path.stats.drafted_tokens > 0
     with pytest.raises(UsageError, match="speculative must be one of"):
@@ -265,6 +273,8 @@ def test_policy_backs_off_when_drafting_loses_and_probes_less_and_less():
     for _ in range(30):
         p.observe_step(4, 0.020)  # it pays now (200 tok/s)
     assert p.length(16) == 16 and p.probe_wait == speculate.PROBE_EVERY
+    got = [p.length(16) for _ in range(2 * speculate.PLAIN_EVERY)]
+    assert got.count(0) == 2  # still one plain decode in PLAIN_EVERY: a fresh yardstick
 
 
 def test_speculative_serve_with_a_draft_model(demo_f16_path, demo_path):
