@@ -520,7 +520,7 @@ class Scheduler:
         if k <= 0:
             return
         draft, self._drafted_s = drafter.propose(s.cached, k, spec, owner=s.job)
-        spec.observe_drafting(self._drafted_s, len(draft))
+        spec.observe_drafting(self._drafted_s - drafter.catch_up_s, len(draft))
         s.draft, s.draft_n, s.shadow = draft, speculate.DRAFT_BUCKET, None
         for d in draft:
             self.batch.add(d, len(s.cached), s.seq, True)

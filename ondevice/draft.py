@@ -89,7 +89,8 @@ class Drafter:
     def __init__(self, eng: Engine) -> None:
         self.eng = eng
         self.buckets: list[int] = []  # the last draft's tokens' confidence buckets
-        self.seconds = 0.0  # what the last draft took
+        self.seconds = 0.0  # what the last draft took, all of it
+        self.catch_up_s = 0.0  # of that, catching up on more than a token or two
         self.tokens: list[int] = []  # what the draft's KV cache holds (sequence 0), in order
         self.owner: object = None  # whose sequence `tokens` follows
 
@@ -104,10 +105,12 @@ class Drafter:
         cancelled: Callable[[], bool] | None = None,
     ) -> tuple[list[int], float]:
         """Up to k tokens to follow `context` (+ `last`, the pending token, when given), and
-        the seconds drafting took (a catch-up on many tokens, such as a new prompt, counts as
-        one token's decode: it is a prefill the target paid for too). `owner` names the sequence (a request, a job): when it
+        the seconds drafting took. Of those, `catch_up_s` went to evaluating tokens the draft
+        fell behind on beyond one (after plain decodes): not the price of a drafted token, but
+        the price of a probe after a back-off. `owner` names the sequence (a request, a job): when it
         changes, the draft's cache is trimmed to the prefix the new one shares with it."""
         t0 = time.perf_counter()
+        self.catch_up_s = 0.0
         eng, held = self.eng, self.tokens
         if owner is not self.owner:
             self._resync(context)
@@ -126,7 +129,7 @@ class Drafter:
         held.extend(missing)
         now = time.perf_counter()
         if len(missing) > 2:  # catching up on a prompt: a prefill, not the price of drafting
-            t0 = now - (now - t1) / len(missing)
+            self.catch_up_s = (now - t1) * (1 - 1 / len(missing))
         out: list[int] = []
         buckets = self.buckets = []
         chance = 1.0

@@ -320,7 +320,7 @@ def _model_draft(req: Request, cached: list[int], tok: int, room: int) -> list[i
     if k <= 0:
         return []
     draft, seconds = drafter.propose(cached, k, spec, owner=req, last=tok, cancelled=req.cancelled)
-    spec.observe_drafting(seconds, len(draft))
+    spec.observe_drafting(seconds - drafter.catch_up_s, len(draft))
     return draft
 
 
