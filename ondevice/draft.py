@@ -170,6 +170,15 @@ class Drafter:
             return
         self.tokens.extend(missing)
 
+    def lag(self, context: Sequence[int], *, owner: object) -> int:
+        """How many of `context`'s tokens the draft would evaluate before its next draft."""
+        held = self.tokens
+        if owner is self.owner:
+            return max(len(context) - len(held), 0)
+        n = min(len(held), len(context))
+        common = next((i for i in range(n) if held[i] != context[i]), n)
+        return len(context) - common
+
     def keep(self, n_tokens: int) -> None:
         """The target kept only its first n_tokens: drop what the draft holds past them."""
         n_tokens = max(n_tokens, 0)

@@ -264,9 +264,10 @@ def _generate_speculative(
     out = _Emitter(req.stops, st, t_call)
     limit = _limit(eng, cache, req)
     cached = cache.tokens
-    if req.drafter is not None and spec.drafting():
+    if req.drafter is not None and spec.probe_due(min(limit, speculate.PROBE_LAG_MAX)):
         # The prompt into the draft model's cache too, as part of the prompt's time (TTFT):
-        # caught up at the first draft instead, it would stall the reply's second token.
+        # caught up at the first draft instead, it would stall the reply mid-stream. Only
+        # when it will draft soon: backed off, the draft would have fallen behind again.
         req.drafter.prefill(cached, owner=req, cancelled=req.cancelled)
     reason = "length" if limit <= 0 else ""
     tok = shadow = -1
@@ -318,6 +319,9 @@ def _model_draft(req: Request, cached: list[int], tok: int, room: int) -> list[i
     drafter.seconds = 0.0
     k = spec.length(min(room, speculate.DRAFT_LENGTHS[-1]), speculate.DRAFT_BUCKET)
     if k <= 0:
+        return []
+    if not spec.drafting() and drafter.lag(cached, owner=req) > speculate.PROBE_LAG_MAX:
+        spec.defer_probe()  # a probe, but a long catch-up first: at the next prompt instead
         return []
     draft, seconds = drafter.propose(cached, k, spec, owner=req, last=tok, cancelled=req.cancelled)
     spec.observe_drafting(seconds - drafter.catch_up_s, len(draft))

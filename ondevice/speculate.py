@@ -57,6 +57,7 @@ PRIOR_DRAFT_COST = 0.5  # a drafted token's cost in plain decodes of the target,
 PROBE_EVERY = 8  # "draft" mode: plain decodes before drafting again to re-measure; the wait
 PROBE_MAX = 256  # doubles after each probe that did not pay, up to this
 STEP_DECAY = 0.1  # "draft" mode: per step, for the tokens/s of steps that draft
+PROBE_LAG_MAX = 64  # "draft" mode: a probe that needs a longer catch-up waits for a new prompt
 PLAIN_EVERY = 16  # "draft" mode, while drafting: one plain decode in this many, to re-time it
 # A draft model's confidence in its token (its probability) sorts drafted tokens into buckets,
 # each with its own acceptance: the draft goes on while the next token is worth its cost.
@@ -152,6 +153,7 @@ class Policy:
     skipped: int = 0  # plain decodes since the last draft (mode "draft")
     probe_wait: int = PROBE_EVERY  # plain decodes between probes while drafting does not pay
     since_plain: int = 0  # steps since the last plain decode (mode "draft")
+    probed_from: int = PROBE_EVERY  # probe_wait before the last probe doubled it
 
     def acceptance(self, n: int = NGRAM_MAX) -> float:
         """P(a drafted token is accepted | the ones before it were), for drafts that follow
@@ -314,6 +316,21 @@ class Policy:
         rate, one = self.step_rate, self.cost.get(1)
         return self.mode == DRAFT_ALWAYS or rate is None or one is None or rate * one >= 1.0
 
+    def probe_due(self, within: int) -> bool:
+        """Mode "draft" or "draft-always": will it draft within the next `within` tokens (the
+        gate open, or a probe due)? Then a new prompt goes into the draft model's cache too."""
+        if self.mode == DRAFT_ALWAYS or self.drafting():
+            return self.mode in (DRAFT, DRAFT_ALWAYS)
+        return self.mode == DRAFT and self.skipped + within >= self.probe_wait
+
+    def defer_probe(self) -> None:
+        """The probe length() just asked for would first have to catch the draft model up on
+        more than PROBE_LAG_MAX tokens (it fell behind while backed off, or never saw this
+        prompt): a stall of a prompt's evaluation in the middle of a reply. It stays due, for
+        the next prompt, which the draft then evaluates with it (probe_due)."""
+        self.probe_wait = self.probed_from
+        self.skipped = self.probe_wait
+
     def _draft_length(self, available: int) -> int:
         """Mode "draft": draft (up to `available`; the draft itself stops when the next token
         is not worth it) while steps that draft give more tokens per second than plain
@@ -332,6 +349,7 @@ class Policy:
             return k
         self.skipped += 1
         if self.skipped >= self.probe_wait:  # probe; if it still doesn't pay, wait longer
+            self.probed_from = self.probe_wait
             self.skipped, self.probe_wait = 0, min(2 * self.probe_wait, PROBE_MAX)
             return k
         return 0

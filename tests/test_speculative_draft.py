@@ -277,6 +277,63 @@ def test_policy_backs_off_when_drafting_loses_and_probes_less_and_less():
     assert got.count(0) == 2  # still one plain decode in PLAIN_EVERY: a fresh yardstick
 
 
+def test_policy_defers_a_probe_that_needs_a_long_catch_up_to_the_next_prompt():
+    p = speculate.Policy(speculate.DRAFT)
+    p.observe_decode(1, 0.010)
+    for _ in range(30):
+        p.observe_step(1, 0.025)  # drafting loses: the gate is closed
+    p.probe_wait = 128
+    assert not p.drafting() and not p.probe_due(speculate.PROBE_LAG_MAX)
+    n = 1
+    while p.length(16) == 0:
+        n += 1
+    assert n == 128 and p.probe_wait == 256  # a probe, and the wait doubled after it
+    p.defer_probe()  # ... but the draft model is far behind: not now
+    assert p.probe_wait == 128 and p.probe_due(1)  # due, at the next prompt
+    assert p.length(16) == 16  # and asked again at once
+
+
+def test_a_backed_off_draft_is_not_caught_up_on_a_long_prompt_mid_reply(target):
+    """Backed off, the draft model doesn't see a new prompt; a probe that comes up in the
+    reply would first evaluate all of it (seconds, mid-stream). It waits for the next prompt,
+    which the draft then evaluates with the target, before the first token."""
+    policy = target._speculation(speculate.DRAFT)
+    drafter = target._drafter
+    policy.observe_decode(1, 0.010)
+    for _ in range(30):
+        policy.observe_step(1, 0.050)  # measured: drafting loses
+    policy.probe_wait, policy.skipped = 128, 28  # a probe comes 100 tokens into the reply
+    long_prompt = " ".join(f"item {i}," for i in range(150))
+    lags = []
+    propose = drafter.propose
+
+    def watching(context, *a, **k):
+        lags.append(drafter.lag(context, owner=k["owner"]))
+        return propose(context, *a, **k)
+
+    drafter.propose = watching
+    try:
+        target.reset()
+        drafter.reset()
+        got = target.generate(long_prompt, max_tokens=120, temperature=0, speculative="draft")
+        assert got.stats.completion_tokens == 120
+        assert lags == [] and drafter.tokens == []  # the probe was put off, not paid
+        assert policy.probe_due(1)
+        target.reset()
+        target.generate(long_prompt, max_tokens=8, temperature=0, speculative="draft")
+        assert lags and max(lags) <= 2  # the prompt went in with the target's: no catch-up
+        # A probe due within PROBE_LAG_MAX tokens: the prompt goes in, the probe catches up
+        # on the reply's tokens so far only.
+        policy.probe_wait, policy.skipped = 128, 100
+        lags.clear()
+        target.reset()
+        target.generate(long_prompt, max_tokens=40, temperature=0, speculative="draft")
+        assert lags and max(lags) <= speculate.PROBE_LAG_MAX
+    finally:
+        drafter.propose = propose
+        target._policies.pop(speculate.DRAFT, None)
+
+
 def test_speculative_serve_with_a_draft_model(demo_f16_path, demo_path):
     """`serve MODEL --speculative DRAFT`: a request running alone drafts with the draft model
     (the real server process, the official openai client)."""
